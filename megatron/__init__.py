@@ -1,0 +1,1 @@
+"""BLOOM pretraining: Megatron-style model parallelism on DeepSpeed."""

@@ -1,0 +1,1 @@
+"""Converters between our checkpoints and Hugging Face transformers BLOOM."""

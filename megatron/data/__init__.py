@@ -1,0 +1,1 @@
+"""Data pipeline: tokenizers, Megatron .bin/.idx datasets, blends over languages."""

@@ -1,0 +1,1 @@
+"""The BLOOM model, ALiBi, and fused kernels."""

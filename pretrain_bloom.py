@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Pretrain a BLOOM model: ``python pretrain_bloom.py --config configs/bloom-560m.yaml``.
+
+Every run setting lives in the YAML config; ``--set section.field=value`` overrides any of
+them (repeatable). ``--dry-run`` builds the model on the meta device, prints its parameter
+counts and the parallel layout, and exits without allocating memory or starting processes.
+Launch several processes with ``torchrun`` or the ``deepspeed`` launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron.config import Config, ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line: a config file, overrides, and the dry-run switch."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config field, e.g. --set model.num_layers=4 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model on the meta device, print sizes and layout, exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="number of ranks to plan for in --dry-run (default: $WORLD_SIZE or TP x PP)")
+    return parser.parse_args(argv)
+
+
+def dry_run(cfg: Config, world_size: int) -> None:
+    """Print parameter counts and the layout without allocating any tensor memory."""
+    from megatron.model.bloom import build_model, count_parameters
+
+    cfg.validate(world_size)
+    m, p = cfg.model, cfg.parallel
+    counts = count_parameters(build_model(m, cfg.padded_vocab_size, device="meta"))
+    dp = cfg.data_parallel_size(world_size)
+    print(f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
+          f"seq {m.seq_length}, vocab {m.vocab_size:,} padded to {cfg.padded_vocab_size:,}")
+    print(f"parameters: {counts['total']:,}")
+    print(f"  embedding: {counts['embedding']:,}")
+    print(f"  non-embedding: {counts['non_embedding']:,}")
+    print(f"layout: TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} DP{dp} "
+          f"over {world_size} ranks, ZeRO stage {p.zero_stage}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            p = cfg.parallel
+            world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or (
+                p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+            dry_run(cfg, world_size)
+            return 0
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from megatron.training.trainer import pretrain
+
+    pretrain(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
