@@ -158,8 +158,12 @@ class LoggingConfig:
 
     log_interval: int = 1
     eval_interval: int = 1000
-    eval_iters: int = 1
+    eval_iters: int = 1  # micro-batches per data-parallel rank, per validation set
+    run_dir: Optional[str] = None  # metrics.jsonl and the resolved config.yaml go here
     tensorboard_dir: Optional[str] = None
+    # Prompts whose greedy continuation is printed at the end of training (demo runs).
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = 24
     # Peak dense bf16 FLOP/s of one device, for MFU (A100: 312e12).
     peak_flops_per_device: Optional[float] = None
 
@@ -247,7 +251,11 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
         f"use {int(math.ceil(m.vocab_size / multiple) * multiple)}",
     )
     _require(m.num_layers >= pp, f"model.num_layers ({m.num_layers}) cannot be split over {pp} pipeline stages")
-    _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    _require(
+        p.zero_stage in (1, 2, 3),
+        f"parallel.zero_stage must be 1, 2 or 3, got {p.zero_stage}: stage 0 neither skips steps with "
+        "non-finite gradients nor computes the gradient norm right under pipeline parallelism; use 1 (BLOOM's)",
+    )
     _require(
         pp == 1 or p.zero_stage <= 1,
         f"parallel.zero_stage={p.zero_stage} does not work with pipeline parallelism "

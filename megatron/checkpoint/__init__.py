@@ -1,0 +1,1 @@
+"""Checkpoints in Megatron-DeepSpeed's layout: saving, finding the latest, resuming."""

@@ -1,0 +1,1 @@
+"""Parallel runtime: process groups and collectives; knows nothing about BLOOM."""

@@ -1,0 +1,69 @@
+"""Starting the default process group the same way under torchrun, srun, deepspeed or plain python.
+
+torchrun and the deepspeed launcher set RANK / WORLD_SIZE / LOCAL_RANK; srun sets SLURM_*
+instead, and without RANK DeepSpeed would try MPI discovery (and fail without mpi4py), so the
+SLURM variables are translated first. A plain ``python pretrain_bloom.py`` runs as a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """Where this process sits in the world."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fill_launcher_env() -> None:
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if env["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set for a multi-process run: launch with torchrun or set it")
+        env["MASTER_PORT"] = str(_free_port())
+
+
+def init_distributed() -> DistributedInfo:
+    """Initialise the default group (NCCL on GPUs, gloo on CPU) once; return this rank's place."""
+    import deepspeed
+
+    _fill_launcher_env()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return DistributedInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def shutdown_distributed() -> None:
+    """Barrier, then destroy the group (gloo sometimes aborts at exit without the barrier)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

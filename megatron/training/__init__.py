@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine, the loop, schedules, metrics, logging and lifecycle."""

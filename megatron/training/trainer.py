@@ -1,0 +1,269 @@
+"""The training loop. ``pretrain(cfg)`` builds everything, then ``Trainer.train()`` runs it.
+
+One iteration: pick the batch size (ramp-up) and learning rate (schedule) from the samples
+consumed so far, run the micro-batches of this data-parallel rank through the DeepSpeed engine
+(which accumulates gradients and applies AdamW at the boundary), then log. Steps whose
+gradients are not finite are skipped by ZeRO's optimizer; we count them and stop after too
+many in a row.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron.config import Config, save_config
+from megatron.core.distributed import DistributedInfo, init_distributed, shutdown_distributed
+from megatron.model.bloom import build_model, language_model_loss
+from megatron.checkpoint import checkpointing
+from megatron.training.data import TrainingData, build_training_data
+from megatron.training.engine import build_engine, set_learning_rate
+from megatron.training.logging import MetricsLogger, format_train_line
+from megatron.training.metrics import throughput
+from megatron.training.schedules import BatchSizeRampup, LearningRateSchedule, total_train_samples
+
+
+class TooManySkippedSteps(RuntimeError):
+    """Raised when consecutive steps keep producing non-finite losses or gradients."""
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint must carry to resume exactly."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_iterations: int = 0
+    consecutive_skipped: int = 0
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch so a run is reproducible bit for bit on CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns the loop; every collaborator is passed in, nothing is global."""
+
+    def __init__(self, cfg: Config, info: DistributedInfo, engine, data: TrainingData, logger: MetricsLogger,
+                 state: Optional[TrainState] = None):
+        self.cfg = cfg
+        self.info = info
+        self.engine = engine
+        self.data = data
+        self.logger = logger
+        self.state = state or TrainState()
+        self.dp_size = cfg.data_parallel_size(info.world_size)
+        self.rampup = BatchSizeRampup.from_config(cfg.training)
+        self.train_samples = total_train_samples(cfg.training, self.rampup)
+        self.schedule = LearningRateSchedule.from_config(cfg.optimizer, self.train_samples, cfg.model.seq_length)
+        self._batches: Iterator[dict[str, torch.Tensor]] = iter(data.train_loader(self.state.consumed_samples))
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        text = next(self._batches)["text"].to(self.info.device)
+        return text[:, :-1], text[:, 1:]
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over the current global batch; returns the step's scalars."""
+        batch_size = self.rampup(self.state.consumed_samples)
+        if batch_size != self.engine.train_batch_size():
+            self.engine.set_train_batch_size(batch_size)
+        lr = self.schedule(self.state.consumed_samples, self.state.consumed_tokens)
+        set_learning_rate(self.engine, lr)
+        skipped_before = self.engine.skipped_steps
+        losses = []
+        for _ in range(self.engine.gradient_accumulation_steps()):
+            tokens, labels = self._micro_batch()
+            loss = language_model_loss(self.engine(tokens), labels)
+            self.engine.backward(loss)
+            self.engine.step()  # applies the update only at the accumulation boundary
+            losses.append(loss.detach().float())
+        loss = self._average_over_data_parallel(torch.stack(losses).mean())
+        skipped = self.engine.skipped_steps > skipped_before or not math.isfinite(loss)
+        self._advance(batch_size, skipped)
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        return {"lm loss": loss, "learning-rate": lr, "batch-size": batch_size,
+                "grad-norm": None if skipped else grad_norm, "skipped": skipped}
+
+    def _average_over_data_parallel(self, value: torch.Tensor) -> float:
+        if self.dp_size > 1:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.dp_size
+        return value.item()
+
+    def _advance(self, batch_size: int, skipped: bool) -> None:
+        s = self.state
+        s.iteration += 1
+        s.consumed_samples += batch_size  # data is consumed even when the update is skipped
+        s.consumed_tokens += batch_size * self.cfg.model.seq_length
+        if skipped:
+            s.skipped_iterations += 1
+            s.consecutive_skipped += 1
+            limit = self.cfg.training.max_consecutive_skipped_steps
+            if s.consecutive_skipped > limit:
+                raise TooManySkippedSteps(
+                    f"{s.consecutive_skipped} consecutive steps had a non-finite loss or gradient (limit "
+                    f"training.max_consecutive_skipped_steps={limit}) at iteration {s.iteration}: lower "
+                    "optimizer.lr, check the data around these samples, or resume from an earlier checkpoint "
+                    "with training.skip_train_iteration_range"
+                )
+        else:
+            s.consecutive_skipped = 0
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and perplexity, overall and per language, averaged over tokens and DP ranks."""
+        self.engine.eval()
+        results = {}
+        for name, loader in self.data.valid_loaders(self.cfg.logging.eval_iters).items():
+            total = torch.zeros(2, dtype=torch.float64)
+            for batch in loader:
+                text = batch["text"].to(self.info.device)
+                loss = language_model_loss(self.engine(text[:, :-1]), text[:, 1:])
+                total += torch.tensor([loss.item() * text[:, 1:].numel(), text[:, 1:].numel()], dtype=torch.float64)
+            if self.dp_size > 1:
+                dist.all_reduce(total)
+            if total[1] > 0:
+                mean = (total[0] / total[1]).item()
+                key = "validation" if name == "overall" else f"validation/{name}"
+                results[f"{key} loss"] = mean
+                results[f"{key} ppl"] = math.exp(min(mean, 20.0))
+        self.engine.train()
+        return results
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def total_iterations(self) -> int:
+        """Iterations in the whole run (with ramp-up, counted by replaying the ramp)."""
+        if self.cfg.training.train_iters is not None:
+            return self.cfg.training.train_iters
+        steps, consumed = 0, 0
+        while consumed < self.train_samples:
+            consumed += self.rampup(consumed)
+            steps += 1
+        return steps
+
+    def train(self) -> TrainState:
+        """Run until the configured number of samples (or iterations) is consumed."""
+        cfg, s = self.cfg, self.state
+        total = self.total_iterations()
+        log_every, eval_every = cfg.logging.log_interval, cfg.logging.eval_interval
+        save_every = cfg.checkpoint.save_interval
+        progress = tqdm(total=total, initial=s.iteration, desc="train", unit="it", disable=self.info.rank != 0,
+                        dynamic_ncols=True)
+        window_time, window_samples, window = 0.0, 0, []
+        self.engine.train()
+        if s.iteration == 0 and eval_every:
+            self._log_eval()
+        while s.iteration < total:
+            start = time.perf_counter()
+            step = self.train_step()
+            elapsed = time.perf_counter() - start
+            window_time += elapsed
+            window_samples += step["batch-size"]
+            window.append(step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step['lm loss']:.3f}", lr=f"{step['learning-rate']:.2e}")
+            if s.iteration % log_every == 0 or s.iteration == total:
+                self._log_train(window, window_time, window_samples, progress)
+                window_time, window_samples, window = 0.0, 0, []
+            if eval_every and (s.iteration % eval_every == 0 or s.iteration == total):
+                self._log_eval()
+            if save_every and cfg.checkpoint.save and s.iteration % save_every == 0 and s.iteration != total:
+                self.save()
+        progress.close()
+        if cfg.checkpoint.save:
+            self.save()
+        return s
+
+    def _log_train(self, window: list[dict[str, Any]], seconds: float, samples: int, progress: tqdm) -> None:
+        cfg, s = self.cfg, self.state
+        finite = [w["lm loss"] for w in window if not w["skipped"]]
+        norms = [w["grad-norm"] for w in window if w["grad-norm"] is not None]
+        last = window[-1]
+        scalars = {
+            "lm loss": sum(finite) / len(finite) if finite else float("nan"),
+            "learning-rate": last["learning-rate"],
+            "batch-size": last["batch-size"],
+            "grad-norm": norms[-1] if norms else None,
+            "skipped-iterations": s.skipped_iterations,
+            "consumed-tokens": s.consumed_tokens,
+            "iteration-time": seconds / len(window),
+        }
+        scalars.update(throughput(cfg.model, cfg.padded_vocab_size, samples, seconds, self.info.world_size,
+                                  cfg.training.checkpoint_activations, cfg.logging.peak_flops_per_device))
+        scalars.update(_memory_stats(self.info.device))
+        self.logger.log(s.iteration, scalars, kind="train", samples=s.consumed_samples)
+        if self.info.rank == 0:
+            progress.write(format_train_line(s.iteration, self.total_iterations(), scalars))
+
+    def _log_eval(self) -> None:
+        results = self.evaluate()
+        self.logger.log(self.state.iteration, results, kind="valid", samples=self.state.consumed_samples)
+        if self.info.rank == 0 and "validation loss" in results:
+            tqdm.write(f"validation at iteration {self.state.iteration}: loss {results['validation loss']:.4f}, "
+                       f"ppl {results['validation ppl']:.2f} ({len(results) // 2 - 1} languages)")
+
+    def save(self) -> None:
+        """Checkpoint the engine and the loop's state (see megatron.training.checkpointing)."""
+        checkpointing.save(self.engine, self.cfg, asdict(self.state))
+
+
+def _memory_stats(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {"mem-allocated-gb": torch.cuda.memory_allocated(device) / 2**30,
+            "mem-max-allocated-gb": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
+def print_samples(cfg: Config, model: torch.nn.Module, tokenizer, device: torch.device) -> None:
+    """Greedy continuations of the configured prompts (single-device model)."""
+    model.eval()
+    for prompt in cfg.logging.sample_prompts:
+        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+        out = model.generate_greedy(ids, cfg.logging.sample_tokens, eos_id=tokenizer.eod_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:].tolist())
+        print(f"  {prompt!r} -> {text!r}")
+
+
+def pretrain(cfg: Config) -> TrainState:
+    """Build the run from its config and train it."""
+    info = init_distributed()
+    cfg.validate(info.world_size)
+    set_seed(cfg.training.seed)
+    dp_size = cfg.data_parallel_size(info.world_size)
+    if info.rank == 0 and cfg.logging.run_dir:
+        save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
+    data = build_training_data(cfg, info)
+    model = build_model(cfg.model, cfg.padded_vocab_size, device=info.device)
+    rampup = BatchSizeRampup.from_config(cfg.training)
+    engine = build_engine(cfg, model, dp_size, rampup(0))
+    state = TrainState(**checkpointing.load(engine, cfg)) if cfg.checkpoint.load else TrainState()
+    logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard_dir, info.rank)
+    try:
+        state = Trainer(cfg, info, engine, data, logger, state).train()
+        if info.rank == 0 and cfg.logging.sample_prompts:
+            print("greedy continuations:")
+            print_samples(cfg, engine.module, data.tokenizer, info.device)
+    finally:
+        logger.close()
+        shutdown_distributed()
+    return state
