@@ -8,7 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${BLOOM_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 TORCH_VERSION="2.13.0"
-PACKAGES=(deepspeed tokenizers datasets tensorboard pyyaml safetensors transformers tqdm pytest)
+PACKAGES=(deepspeed tokenizers datasets tensorboard pyyaml safetensors transformers tqdm pytest matplotlib)
 
 if [[ ! -x "$VENV/bin/python" ]]; then
     echo "[setup] creating $VENV"

@@ -1,0 +1,54 @@
+"""Helpers for training tests: synthetic per-language datasets and tiny run configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron.data.indexed_dataset import IndexedDatasetBuilder
+
+VOCAB = 256
+
+
+def write_language(prefix: Path, seed: int, num_docs: int = 60, vocab: int = VOCAB) -> str:
+    """A ``.bin/.idx`` pair of documents from a per-language token distribution (learnable)."""
+    rng = np.random.default_rng(seed)
+    # Each "language" favours its own slice of the vocabulary and repeats short patterns.
+    favourite = rng.choice(vocab - 1, size=24, replace=False) + 1
+    with IndexedDatasetBuilder(f"{prefix}.bin", np.uint16) as builder:
+        for _ in range(num_docs):
+            length = int(rng.integers(20, 120))
+            pattern = rng.choice(favourite, size=6)
+            doc = np.resize(pattern, length)
+            noise = rng.random(length) < 0.2
+            doc[noise] = rng.integers(1, vocab, noise.sum())
+            builder.add_document(np.append(doc, 0))  # 0 plays the end-of-document token
+        builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def synthetic_corpus(root: Path, languages=("fr", "sw", "python")) -> list[dict[str, Any]]:
+    """Three small languages under ``root``; returns ``data.datasets`` entries (no weights)."""
+    root.mkdir(parents=True, exist_ok=True)
+    return [{"name": lang, "prefix": write_language(root / f"{lang}_text_document", seed=i)}
+            for i, lang in enumerate(languages)]
+
+
+def tiny_run(tmp: Path, datasets: list[dict[str, Any]], **overrides: dict[str, Any]) -> dict[str, Any]:
+    """A config dict for a 2-layer model on the synthetic corpus; sections updated by ``overrides``."""
+    body: dict[str, Any] = {
+        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
+                  "vocab_size": VOCAB, "init_method_std": 0.02},
+        "parallel": {"zero_stage": 1},
+        "training": {"micro_batch_size": 2, "global_batch_size": 8, "train_iters": 10, "seed": 7},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "lr_warmup_samples": 16, "lr_decay_style": "cosine",
+                      "clip_grad": 1.0},
+        "data": {"datasets": datasets, "alpha": 0.5, "split": "0.8,0.2,0", "num_workers": 0},
+        "logging": {"log_interval": 1, "eval_interval": 5, "eval_iters": 2, "run_dir": str(tmp / "run")},
+        "checkpoint": {},
+    }
+    for section, values in overrides.items():
+        body[section].update(values)
+    return body
