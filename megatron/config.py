@@ -51,6 +51,9 @@ class ModelConfig:
     init_method_std: float = 0.0048
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # Fused attention and cross-entropy kernels (megatron/model/kernels); false runs the plain
+    # PyTorch references, for debugging and kernel tests.
+    use_fused_kernels: bool = True
 
     @property
     def ffn_size(self) -> int:

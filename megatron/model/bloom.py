@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.config import ModelConfig
-from megatron.model.alibi import alibi_causal_bias, alibi_slopes
+from megatron.model.alibi import alibi_slopes
+from megatron.model.kernels import get_kernel
 
 
 class WordEmbedding(nn.Module):
@@ -49,11 +50,7 @@ class BloomEmbedding(nn.Module):
 
 
 class BloomAttention(nn.Module):
-    """Causal self-attention with ALiBi, through ``scaled_dot_product_attention``.
-
-    The ALiBi + causal bias is an explicit float mask, which SDPA accepts on every device and
-    which, unlike FlexAttention, has a backward on CPU.
-    """
+    """Causal self-attention with ALiBi (see megatron/model/kernels/attention.py for the kernel)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -62,16 +59,14 @@ class BloomAttention(nn.Module):
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.attention_dropout
+        self.attention = get_kernel("attention", cfg.use_fused_kernels)
         self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_attention_heads), persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = hidden.shape
         qkv = self.query_key_value(hidden).view(batch, seq, self.num_heads, 3, self.head_dim)
         query, key, value = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [b, heads, s, d]
-        bias = alibi_causal_bias(self.alibi_slopes, seq, dtype=query.dtype)
-        context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias, dropout_p=self.dropout_p if self.training else 0.0
-        )
+        context = self.attention(query, key, value, self.alibi_slopes, self.dropout_p if self.training else 0.0)
         context = context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.dense(context)
 
@@ -156,9 +151,10 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=cfg.init_method_std)
 
 
-def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
+                        fused: bool = True) -> torch.Tensor:
     """Mean next-token cross entropy in fp32 over the positions where ``loss_mask`` is 1."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    losses = get_kernel("cross_entropy", fused)(logits.flatten(0, 1), labels.flatten())
     if loss_mask is None:
         return losses.mean()
     mask = loss_mask.flatten().float()
