@@ -82,6 +82,8 @@ class ParallelConfig:
     zero_stage: int = 1
     sequence_parallel: bool = False
     pp_partition_method: str = "type:transformer|embedding"
+    # Every N steps (and at each save) check that TP-duplicated parameters agree across TP ranks.
+    tp_sync_check_interval: Optional[int] = 100
 
 
 @dataclass

@@ -20,8 +20,8 @@ from launch import run_ranks
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import (
     MODEL_PARALLEL_RNG, ColumnParallelLinear, RNGStatesTracker, RowParallelLinear, VocabParallelEmbedding,
-    allreduce_sequence_parallel_grads, check_tp_duplicates_in_sync, default_init_method,
-    gather_from_sequence_parallel_region, init_from_full, initialize_rng, mark_sequence_parallel_parameters,
+    SequenceParallelLayerNorm, check_tp_duplicates_in_sync, default_init_method,
+    gather_from_sequence_parallel_region, init_from_full, initialize_rng,
     model_parallel_seed, scatter_to_sequence_parallel_region, shard, vocab_parallel_cross_entropy)
 
 B, S, H, V = 2, 8, 16, 64  # S, H and V divide by TP = 4
@@ -55,7 +55,6 @@ def twin_diffs(twin: nn.Module, module: nn.Module, x: torch.Tensor, local_in, lo
     x_tp = local_in(x).clone().requires_grad_(x.is_floating_point())
     y_tp = module(x_tp)
     (y_tp * local_out(g)).sum().backward()
-    allreduce_sequence_parallel_grads(module, group)
     diffs = {"out": max_diff(y_tp, local_out(y_twin))}
     if x.is_floating_point():
         diffs["grad_in"] = max_diff(x_tp.grad, local_in(x_twin.grad))
@@ -113,8 +112,8 @@ def layer_checks(group, r: int, tp: int) -> dict[str, dict[str, float]]:
         copy_twin(twin, module, r, tp)
         results[name] = twin_diffs(twin, module, x, local_in, local_out, r, tp, group)
 
-    def mlp(column: nn.Module, row: nn.Module) -> nn.Sequential:
-        return nn.Sequential(nn.LayerNorm(H), column, nn.GELU("tanh"), row)
+    def mlp(column: nn.Module, row: nn.Module, norm: nn.Module = None) -> nn.Sequential:
+        return nn.Sequential(norm or nn.LayerNorm(H), column, nn.GELU("tanh"), row)
 
     torch.manual_seed(0)  # the same twins, inputs and upstream gradients on every rank
     x = torch.randn(B, S, H)
@@ -130,8 +129,8 @@ def layer_checks(group, r: int, tp: int) -> dict[str, dict[str, float]]:
     check("mlp", mlp(nn.Linear(H, 4 * H), nn.Linear(4 * H, H)),
           mlp(ColumnParallelLinear(H, 4 * H, group), RowParallelLinear(4 * H, H, group)), x, on.full, on.full)
     sp_mlp = mlp(ColumnParallelLinear(H, 4 * H, group, sequence_parallel=True),
-                 RowParallelLinear(4 * H, H, group, sequence_parallel=True))
-    mark_sequence_parallel_parameters(sp_mlp[0])
+                 RowParallelLinear(4 * H, H, group, sequence_parallel=True),
+                 SequenceParallelLayerNorm(H, group=group, sequence_parallel=True))
     check("mlp sequence_parallel", mlp(nn.Linear(H, 4 * H), nn.Linear(4 * H, H)), sp_mlp, x, on.seq, on.seq)
     ids = torch.randint(0, V, (B, S))
     check("embedding", nn.Embedding(V, H), VocabParallelEmbedding(V, H, group), ids, on.full, on.full)

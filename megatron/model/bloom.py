@@ -1,13 +1,19 @@
-"""The BLOOM decoder in plain PyTorch, shaped like Megatron-DeepSpeed's layers.
+"""The BLOOM decoder, shaped like Megatron-DeepSpeed's layers and tensor-parallel throughout.
 
     tokens -> word embedding -> embedding LayerNorm -> N x [pre-LN ALiBi attention, pre-LN GeLU MLP]
            -> final LayerNorm -> logits through the (tied) embedding matrix
 
 Module and parameter names are Megatron-DeepSpeed's (``word_embeddings.norm``,
-``self_attention.query_key_value``, ``mlp.dense_h_to_4h``...), so each module can become one
-pipeline layer and its state dict one ``layer_XX-model_YY-model_states.pt`` file. The fused QKV
-projection is laid out [head, (q, k, v), head_dim] along its output rows, which lets tensor
-parallelism split it by whole heads.
+``self_attention.query_key_value``, ``mlp.dense_h_to_4h``...), so each module is one pipeline
+layer and its state dict one ``layer_XX-model_YY-model_states.pt`` file. With no tensor-parallel
+group every layer is a plain single-device layer; with one, QKV and dense_h_to_4h are
+column-parallel, the attention output and dense_4h_to_h row-parallel, the embedding
+vocab-parallel. The fused QKV rows are laid out [head, (q, k, v), head_dim], so the contiguous
+column split gives each rank whole heads, whose ALiBi slopes it takes.
+
+Initialisation draws every layer's weights from its own generator seeded by (seed, pipeline
+layer index), full-size on every rank before slicing, so any TP x PP layout starts from the
+same weights as one device.
 """
 
 from __future__ import annotations
@@ -18,31 +24,58 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron.config import ModelConfig
-from megatron.model.alibi import alibi_slopes
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm, VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region, vocab_parallel_cross_entropy)
+from megatron.model.alibi import alibi_slopes_for_rank
 from megatron.model.kernels import get_kernel
 
+EMBEDDING_LAYER_INDEX = 1  # Megatron-DeepSpeed's pipeline numbering (see megatron/model/pipeline.py)
+FIRST_BLOCK_LAYER_INDEX = 3
 
-class WordEmbedding(nn.Module):
-    """Token embedding matrix (padded vocabulary) with BLOOM's embedding LayerNorm as ``norm``."""
 
-    def __init__(self, cfg: ModelConfig, padded_vocab_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(padded_vocab_size, cfg.hidden_size))
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon) if cfg.embed_layernorm else None
+def layer_generator(seed: int, layer_index: int) -> torch.Generator:
+    """The generator that initialises pipeline layer ``layer_index``: the same on every layout."""
+    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + layer_index)
+
+
+def normal_init(std: float, generator: Optional[torch.Generator]):
+    """An init method drawing N(0, std) on the CPU from ``generator`` (layout-independent draws)."""
+
+    def init(tensor: torch.Tensor) -> None:
+        with torch.no_grad():
+            values = torch.empty(tensor.shape, dtype=torch.float32, device="cpu").normal_(0.0, std, generator=generator)
+            tensor.copy_(values)
+
+    return init
+
+
+class WordEmbedding(VocabParallelEmbedding):
+    """Vocab-parallel embedding with BLOOM's embedding LayerNorm as ``norm`` (after the all-reduce)."""
+
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp_group=None, sequence_parallel: bool = False,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__(padded_vocab_size, cfg.hidden_size, tp_group, sequence_parallel=sequence_parallel,
+                         init_method=normal_init(cfg.init_method_std, generator))
+        self.norm = (SequenceParallelLayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, tp_group, sequence_parallel)
+                     if cfg.embed_layernorm else None)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = F.embedding(input_ids, self.weight)
+        hidden = super().forward(input_ids)
         return self.norm(hidden) if self.norm is not None else hidden
 
 
 class BloomEmbedding(nn.Module):
     """First pipeline layer: embedding, embedding LayerNorm, embedding dropout."""
 
-    def __init__(self, cfg: ModelConfig, padded_vocab_size: int):
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp_group=None, sequence_parallel: bool = False,
+                 seed: int = 0):
         super().__init__()
-        self.word_embeddings = WordEmbedding(cfg, padded_vocab_size)
+        self.word_embeddings = WordEmbedding(cfg, padded_vocab_size, tp_group, sequence_parallel,
+                                             layer_generator(seed, EMBEDDING_LAYER_INDEX))
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -50,48 +83,68 @@ class BloomEmbedding(nn.Module):
 
 
 class BloomAttention(nn.Module):
-    """Causal self-attention with ALiBi (see megatron/model/kernels/attention.py for the kernel)."""
+    """Causal self-attention with ALiBi over this rank's heads (kernel: megatron/model/kernels)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
+                 generator: Optional[torch.Generator] = None):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
+        std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+        self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp_group,
+                                                    sequence_parallel=sequence_parallel,
+                                                    init_method=normal_init(std, generator))
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp_group, sequence_parallel=sequence_parallel,
+                                       init_method=normal_init(out_std, generator))
+        tp_rank, tp_size = self.query_key_value.tp_rank, self.query_key_value.tp_size
+        self.num_heads = cfg.num_attention_heads // tp_size
         self.head_dim = cfg.head_dim
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.attention_dropout
         self.attention = get_kernel("attention", cfg.use_fused_kernels)
-        self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_attention_heads), persistent=False)
+        self.register_buffer("alibi_slopes", alibi_slopes_for_rank(cfg.num_attention_heads, tp_rank, tp_size),
+                             persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = hidden.shape
-        qkv = self.query_key_value(hidden).view(batch, seq, self.num_heads, 3, self.head_dim)
+        qkv = self.query_key_value(hidden)
+        batch, seq, _ = qkv.shape
+        qkv = qkv.view(batch, seq, self.num_heads, 3, self.head_dim)
         query, key, value = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [b, heads, s, d]
         context = self.attention(query, key, value, self.alibi_slopes, self.dropout_p if self.training else 0.0)
-        context = context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return self.dense(context)
+        return self.dense(context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
 
 class BloomMLP(nn.Module):
-    """h -> 4h, tanh-approximated GeLU, 4h -> h."""
+    """h -> 4h (column-parallel), tanh-approximated GeLU, 4h -> h (row-parallel)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
+                 generator: Optional[torch.Generator] = None):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.ffn_size)
-        self.dense_4h_to_h = nn.Linear(cfg.ffn_size, cfg.hidden_size)
+        std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, tp_group,
+                                                  sequence_parallel=sequence_parallel,
+                                                  init_method=normal_init(std, generator))
+        self.dense_4h_to_h = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, tp_group,
+                                               sequence_parallel=sequence_parallel,
+                                               init_method=normal_init(out_std, generator))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden), approximate="tanh"))
 
 
 class BloomBlock(nn.Module):
-    """Pre-LayerNorm transformer block; residuals come from the block's input (not the LN output)."""
+    """Pre-LayerNorm transformer block; residuals come from the block's input (not the LN output).
 
-    def __init__(self, cfg: ModelConfig):
+    Output projections are initialised with std / sqrt(2 x num_layers) (BLOOM's, Megatron's
+    rule) so the residual stream's variance does not grow with depth.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_number: int, tp_group=None, sequence_parallel: bool = False,
+                 seed: int = 0):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.self_attention = BloomAttention(cfg)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.mlp = BloomMLP(cfg)
+        generator = layer_generator(seed, FIRST_BLOCK_LAYER_INDEX + layer_number)
+        eps = cfg.layernorm_epsilon
+        self.input_layernorm = SequenceParallelLayerNorm(cfg.hidden_size, eps, tp_group, sequence_parallel)
+        self.self_attention = BloomAttention(cfg, tp_group, sequence_parallel, generator)
+        self.post_attention_layernorm = SequenceParallelLayerNorm(cfg.hidden_size, eps, tp_group, sequence_parallel)
+        self.mlp = BloomMLP(cfg, tp_group, sequence_parallel, generator)
         self.hidden_dropout = cfg.hidden_dropout
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -101,29 +154,43 @@ class BloomBlock(nn.Module):
         return hidden + F.dropout(mlp, self.hidden_dropout, self.training)
 
 
-class BloomForCausalLM(nn.Module):
-    """The whole model on one device: ``forward(input_ids) -> logits [b, s, padded_vocab]``."""
+def lm_head_logits(hidden: torch.Tensor, embedding: WordEmbedding) -> torch.Tensor:
+    """Logits through the tied embedding: this rank's vocabulary slice when tensor-parallel.
 
-    def __init__(self, cfg: ModelConfig, padded_vocab_size: Optional[int] = None):
+    The hidden state is duplicated across TP (or split over the sequence), while the matrix is
+    split over the vocabulary, so f (or a sequence all-gather) brings the input in and makes
+    the backward sum the partial input gradients of every vocabulary slice.
+    """
+    if embedding.sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden, embedding.tp_group, tensor_parallel_output_grad=True)
+    else:
+        hidden = copy_to_tensor_model_parallel_region(hidden, embedding.tp_group)
+    return F.linear(hidden, embedding.weight)
+
+
+class BloomForCausalLM(nn.Module):
+    """The whole model on one pipeline stage: ``forward(input_ids) -> logits [b, s, vocab(/TP)]``."""
+
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: Optional[int] = None, tp_group=None,
+                 sequence_parallel: bool = False, seed: int = 0, checkpoint_num_layers: int = 0):
         super().__init__()
         self.cfg = cfg
         self.padded_vocab_size = padded_vocab_size or cfg.padded_vocab_size()
-        self.embedding = BloomEmbedding(cfg, self.padded_vocab_size)
-        self.layers = nn.ModuleList(BloomBlock(cfg) for _ in range(cfg.num_layers))
-        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        if self.embedding.word_embeddings.weight.device.type != "meta":
-            init_weights(self, cfg)
+        self.embedding = BloomEmbedding(cfg, self.padded_vocab_size, tp_group, sequence_parallel, seed)
+        self.layers = nn.ModuleList(BloomBlock(cfg, i, tp_group, sequence_parallel, seed)
+                                    for i in range(cfg.num_layers))
+        self.final_layernorm = SequenceParallelLayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, tp_group,
+                                                         sequence_parallel)
+        self.checkpoint_num_layers = checkpoint_num_layers  # 0: no activation recompute
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embedding(input_ids)
-        for layer in self.layers:
-            hidden = layer(hidden)
-        hidden = self.final_layernorm(hidden)
-        return F.linear(hidden, self.embedding.word_embeddings.weight)  # tied LM head
+        hidden = run_blocks(self.layers, hidden, self.checkpoint_num_layers if self.training else 0)
+        return lm_head_logits(self.final_layernorm(hidden), self.embedding.word_embeddings)
 
     @torch.no_grad()
     def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int, eos_id: Optional[int] = None) -> torch.Tensor:
-        """Greedy continuation (no KV cache: for small models, demos and tests)."""
+        """Greedy continuation on a single device (no KV cache: for small models, demos and tests)."""
         tokens = input_ids
         for _ in range(max_new_tokens):
             window = tokens[:, -self.cfg.seq_length :]
@@ -134,27 +201,31 @@ class BloomForCausalLM(nn.Module):
         return tokens
 
 
-def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """BLOOM's (Megatron's) initialisation: N(0, std) weights, output projections scaled by
-    1/sqrt(2 x num_layers) so the residual stream's variance does not grow with depth, zero
-    biases, unit LayerNorms."""
-    scaled_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            is_output = name.endswith("self_attention.dense") or name.endswith("mlp.dense_4h_to_h")
-            nn.init.normal_(module.weight, mean=0.0, std=scaled_std if is_output else cfg.init_method_std)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, WordEmbedding):
-            nn.init.normal_(module.weight, mean=0.0, std=cfg.init_method_std)
+def run_blocks(blocks: nn.ModuleList, hidden: torch.Tensor, checkpoint_num_layers: int) -> torch.Tensor:
+    """Apply ``blocks``; with ``checkpoint_num_layers`` = k > 0, keep only every k-th block's
+    input and recompute the rest in the backward (activation checkpointing)."""
+    if checkpoint_num_layers <= 0:
+        for block in blocks:
+            hidden = block(hidden)
+        return hidden
+    for start in range(0, len(blocks), checkpoint_num_layers):
+        chunk = blocks[start : start + checkpoint_num_layers]
+        hidden = checkpoint(run_blocks, chunk, hidden, 0, use_reentrant=False)
+    return hidden
 
 
 def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
-                        fused: bool = True) -> torch.Tensor:
-    """Mean next-token cross entropy in fp32 over the positions where ``loss_mask`` is 1."""
-    losses = get_kernel("cross_entropy", fused)(logits.flatten(0, 1), labels.flatten())
+                        fused: bool = True, tp_group=None) -> torch.Tensor:
+    """Mean next-token cross entropy in fp32 over the positions where ``loss_mask`` is 1.
+
+    With a tensor-parallel group the logits are this rank's vocabulary slice and the loss is
+    computed without gathering the vocabulary (megatron/core/tensor_parallel/cross_entropy.py).
+    """
+    flat_logits, flat_labels = logits.flatten(0, 1), labels.flatten()
+    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
+        losses = vocab_parallel_cross_entropy(flat_logits, flat_labels, tp_group)
+    else:
+        losses = get_kernel("cross_entropy", fused)(flat_logits, flat_labels)
     if loss_mask is None:
         return losses.mean()
     mask = loss_mask.flatten().float()
@@ -168,7 +239,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
-def build_model(cfg: ModelConfig, padded_vocab_size: Optional[int] = None, device: str | torch.device = "cpu") -> BloomForCausalLM:
-    """Build the single-device model; ``device="meta"`` allocates nothing (for dry runs)."""
+def build_model(cfg: ModelConfig, padded_vocab_size: Optional[int] = None, device: str | torch.device = "cpu",
+                tp_group=None, sequence_parallel: bool = False, seed: int = 0,
+                checkpoint_num_layers: int = 0) -> BloomForCausalLM:
+    """Build the model; ``device="meta"`` allocates nothing (for dry runs)."""
     with torch.device(device):
-        return BloomForCausalLM(cfg, padded_vocab_size)
+        return BloomForCausalLM(cfg, padded_vocab_size, tp_group, sequence_parallel, seed, checkpoint_num_layers)

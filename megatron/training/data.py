@@ -7,13 +7,14 @@ curves of successive evaluations (and of different runs) are comparable.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from megatron.config import Config
-from megatron.core.distributed import DistributedInfo
+from megatron.core.parallel_state import ParallelState
 from megatron.data.blended_dataset import build_blended_datasets
 from megatron.data.sampler import build_data_loader
 from megatron.data.tokenizer import load_tokenizer
@@ -39,27 +40,20 @@ class TrainingData:
         """Micro-batches for this rank, starting after ``consumed_samples`` of the global order."""
         return self._loader(self.datasets.train, consumed_samples)
 
-    def valid_loaders(self, eval_iters: int) -> dict[str, Any]:
-        """``eval_iters`` micro-batches of this rank from the overall and each language's validation set."""
+    def valid_batches(self, eval_iters: int) -> dict[str, list[dict[str, torch.Tensor]]]:
+        """The first ``eval_iters`` micro-batches of this rank from the blend's and each language's
+        validation set (fewer when a set is smaller; sets too small for one batch are left out)."""
         sets = {"overall": self.datasets.valid, **self.datasets.valid_per_language}
-        per_rank = eval_iters * self.cfg.training.micro_batch_size
-        loaders = {}
+        batches = {}
         for name, dataset in sets.items():
-            if dataset is None or len(dataset) == 0:
-                continue
-            loaders[name] = _take(self._loader(dataset, 0), max(1, min(per_rank, len(dataset) // self.dp_size))
-                                  // self.cfg.training.micro_batch_size or 1)
-        return loaders
+            loader = self._loader(dataset, 0) if dataset is not None and len(dataset) else None
+            taken = list(itertools.islice(loader, eval_iters)) if loader is not None else []
+            if taken:
+                batches[name] = taken
+        return batches
 
 
-def _take(loader, n: int):
-    for i, batch in enumerate(loader):
-        if i >= n:
-            break
-        yield batch
-
-
-def build_training_data(cfg: Config, info: DistributedInfo) -> TrainingData:
+def build_training_data(cfg: Config, parallel: ParallelState) -> TrainingData:
     """Open the tokenizer and every dataset of the blend; index maps are built once and cached."""
     d, t = cfg.data, cfg.training
     if not d.datasets:
@@ -69,8 +63,7 @@ def build_training_data(cfg: Config, info: DistributedInfo) -> TrainingData:
     if tokenizer is not None and tokenizer.vocab_size > cfg.padded_vocab_size:
         raise ValueError(f"tokenizer {d.tokenizer} has {tokenizer.vocab_size} tokens but the model's padded "
                          f"vocabulary is {cfg.padded_vocab_size}: set model.vocab_size to {tokenizer.vocab_size}")
-    dp_size = cfg.data_parallel_size(info.world_size)
-    dp_rank = info.rank // (cfg.parallel.tensor_model_parallel_size) % dp_size
+    dp_rank, dp_size = parallel.dp_rank, parallel.dp_size
     train_samples = total_train_samples(t, BatchSizeRampup.from_config(t))
     valid_samples = cfg.logging.eval_iters * t.micro_batch_size * dp_size
     specs = [(s.name, s.prefix, s.weight) for s in d.datasets]

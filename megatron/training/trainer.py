@@ -14,22 +14,25 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron.checkpoint import checkpointing
 from megatron.config import Config, save_config
 from megatron.core.distributed import DistributedInfo, init_distributed, shutdown_distributed
-from megatron.model.bloom import build_model, language_model_loss
-from megatron.checkpoint import checkpointing
+from megatron.core.parallel_state import ParallelState
+from megatron.core.tensor_parallel import check_tp_duplicates_in_sync
+from megatron.model.bloom import build_model
+from megatron.model.pipeline import build_pipeline_model
 from megatron.training.data import TrainingData, build_training_data
 from megatron.training.engine import build_engine, set_learning_rate
 from megatron.training.logging import MetricsLogger, format_train_line
 from megatron.training.metrics import throughput
 from megatron.training.schedules import BatchSizeRampup, LearningRateSchedule, total_train_samples
+from megatron.training.steps import EngineSteps, PipelineSteps
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -57,25 +60,23 @@ def set_seed(seed: int) -> None:
 class Trainer:
     """Owns the loop; every collaborator is passed in, nothing is global."""
 
-    def __init__(self, cfg: Config, info: DistributedInfo, engine, data: TrainingData, logger: MetricsLogger,
-                 state: Optional[TrainState] = None):
+    def __init__(self, cfg: Config, info: DistributedInfo, parallel: ParallelState, engine, data: TrainingData,
+                 logger: MetricsLogger, state: Optional[TrainState] = None):
         self.cfg = cfg
         self.info = info
+        self.parallel = parallel
         self.engine = engine
         self.data = data
         self.logger = logger
         self.state = state or TrainState()
-        self.dp_size = cfg.data_parallel_size(info.world_size)
+        steps = PipelineSteps if parallel.pp_size > 1 else EngineSteps
+        self.steps = steps(engine, parallel, info.device, cfg.model.use_fused_kernels)
         self.rampup = BatchSizeRampup.from_config(cfg.training)
         self.train_samples = total_train_samples(cfg.training, self.rampup)
         self.schedule = LearningRateSchedule.from_config(cfg.optimizer, self.train_samples, cfg.model.seq_length)
         self._batches: Iterator[dict[str, torch.Tensor]] = iter(data.train_loader(self.state.consumed_samples))
 
     # -- one step -------------------------------------------------------------------------------
-
-    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        text = next(self._batches)["text"].to(self.info.device)
-        return text[:, :-1], text[:, 1:]
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over the current global batch; returns the step's scalars."""
@@ -85,14 +86,7 @@ class Trainer:
         lr = self.schedule(self.state.consumed_samples, self.state.consumed_tokens)
         set_learning_rate(self.engine, lr)
         skipped_before = self.engine.skipped_steps
-        losses = []
-        for _ in range(self.engine.gradient_accumulation_steps()):
-            tokens, labels = self._micro_batch()
-            loss = language_model_loss(self.engine(tokens), labels)
-            self.engine.backward(loss)
-            self.engine.step()  # applies the update only at the accumulation boundary
-            losses.append(loss.detach().float())
-        loss = self._average_over_data_parallel(torch.stack(losses).mean())
+        loss = self.steps.train(self._batches)
         skipped = self.engine.skipped_steps > skipped_before or not math.isfinite(loss)
         self._advance(batch_size, skipped)
         grad_norm = self.engine.get_global_grad_norm()
@@ -100,12 +94,18 @@ class Trainer:
         return {"lm loss": loss, "learning-rate": lr, "batch-size": batch_size,
                 "grad-norm": None if skipped else grad_norm, "skipped": skipped}
 
-    def _average_over_data_parallel(self, value: torch.Tensor) -> float:
-        if self.dp_size > 1:
-            value = value.clone()
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value /= self.dp_size
-        return value.item()
+    def check_tp_duplicates(self) -> None:
+        """Fail loudly when parameters duplicated across TP ranks (LayerNorms, row-parallel
+        biases) differ: BLOOM-176B lost weeks to such copies drifting apart."""
+        if self.parallel.tp_size == 1:
+            return
+        differing = check_tp_duplicates_in_sync(self.engine.module, self.parallel.tp_group)
+        if differing:
+            raise RuntimeError(
+                f"rank {self.info.rank}: tensor-parallel duplicated parameters differ across TP ranks at iteration "
+                f"{self.state.iteration}: {differing[:8]}; resume from the last checkpoint and check the "
+                "gradient reduction of these parameters"
+            )
 
     def _advance(self, batch_size: int, skipped: bool) -> None:
         s = self.state
@@ -133,19 +133,11 @@ class Trainer:
         """Validation loss and perplexity, overall and per language, averaged over tokens and DP ranks."""
         self.engine.eval()
         results = {}
-        for name, loader in self.data.valid_loaders(self.cfg.logging.eval_iters).items():
-            total = torch.zeros(2, dtype=torch.float64)
-            for batch in loader:
-                text = batch["text"].to(self.info.device)
-                loss = language_model_loss(self.engine(text[:, :-1]), text[:, 1:])
-                total += torch.tensor([loss.item() * text[:, 1:].numel(), text[:, 1:].numel()], dtype=torch.float64)
-            if self.dp_size > 1:
-                dist.all_reduce(total)
-            if total[1] > 0:
-                mean = (total[0] / total[1]).item()
-                key = "validation" if name == "overall" else f"validation/{name}"
-                results[f"{key} loss"] = mean
-                results[f"{key} ppl"] = math.exp(min(mean, 20.0))
+        for name, batches in self.data.valid_batches(self.cfg.logging.eval_iters).items():
+            mean = self.steps.evaluate(batches)
+            key = "validation" if name == "overall" else f"validation/{name}"
+            results[f"{key} loss"] = mean
+            results[f"{key} ppl"] = math.exp(min(mean, 20.0))
         self.engine.train()
         return results
 
@@ -187,6 +179,8 @@ class Trainer:
                 window_time, window_samples, window = 0.0, 0, []
             if eval_every and (s.iteration % eval_every == 0 or s.iteration == total):
                 self._log_eval()
+            if cfg.parallel.tp_sync_check_interval and s.iteration % cfg.parallel.tp_sync_check_interval == 0:
+                self.check_tp_duplicates()
             if save_every and cfg.checkpoint.save and s.iteration % save_every == 0 and s.iteration != total:
                 self.save()
         progress.close()
@@ -223,7 +217,8 @@ class Trainer:
                        f"ppl {results['validation ppl']:.2f} ({len(results) // 2 - 1} languages)")
 
     def save(self) -> None:
-        """Checkpoint the engine and the loop's state (see megatron.training.checkpointing)."""
+        """Checkpoint the engine and the loop's state (see megatron.checkpoint.checkpointing)."""
+        self.check_tp_duplicates()
         checkpointing.save(self.engine, self.cfg, asdict(self.state))
 
 
@@ -244,23 +239,39 @@ def print_samples(cfg: Config, model: torch.nn.Module, tokenizer, device: torch.
         print(f"  {prompt!r} -> {text!r}")
 
 
-def pretrain(cfg: Config) -> TrainState:
-    """Build the run from its config and train it."""
+def build_network(cfg: Config, parallel: ParallelState, device: torch.device) -> torch.nn.Module:
+    """The model for this rank: a PipelineModule when PP > 1, else the TP-aware BLOOM."""
+    t, p = cfg.training, cfg.parallel
+    if parallel.pp_size > 1:
+        return build_pipeline_model(cfg, parallel, cfg.training.seed).to(device)
+    return build_model(cfg.model, cfg.padded_vocab_size, device=device,
+                       tp_group=parallel.tp_group if parallel.tp_size > 1 else None,
+                       sequence_parallel=p.sequence_parallel, seed=t.seed,
+                       checkpoint_num_layers=t.checkpoint_num_layers if t.checkpoint_activations else 0)
+
+
+def pretrain(cfg: Config, on_finish: Optional[Callable[[Any, ParallelState], None]] = None) -> TrainState:
+    """Build the run from its config and train it; ``on_finish(engine, parallel)`` runs on every
+    rank after training, before the process group is torn down (tests use it to gather weights)."""
     info = init_distributed()
     cfg.validate(info.world_size)
+    p = cfg.parallel
+    parallel = ParallelState(info.world_size, info.rank, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     set_seed(cfg.training.seed)
-    dp_size = cfg.data_parallel_size(info.world_size)
     if info.rank == 0 and cfg.logging.run_dir:
         save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
-    data = build_training_data(cfg, info)
-    model = build_model(cfg.model, cfg.padded_vocab_size, device=info.device)
+    data = build_training_data(cfg, parallel)
+    model = build_network(cfg, parallel, info.device)
     rampup = BatchSizeRampup.from_config(cfg.training)
-    engine = build_engine(cfg, model, dp_size, rampup(0))
+    # With a pipeline DeepSpeed builds its grid from the PipelineModule's topology and refuses an mpu.
+    engine = build_engine(cfg, model, parallel.dp_size, rampup(0), mpu=None if parallel.pp_size > 1 else parallel)
     state = TrainState(**checkpointing.load(engine, cfg)) if cfg.checkpoint.load else TrainState()
     logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard_dir, info.rank)
     try:
-        state = Trainer(cfg, info, engine, data, logger, state).train()
-        if info.rank == 0 and cfg.logging.sample_prompts:
+        state = Trainer(cfg, info, parallel, engine, data, logger, state).train()
+        if on_finish is not None:
+            on_finish(engine, parallel)
+        if info.rank == 0 and cfg.logging.sample_prompts and parallel.tp_size * parallel.pp_size == 1:
             print("greedy continuations:")
             print_samples(cfg, engine.module, data.tokenizer, info.device)
     finally:

@@ -156,7 +156,6 @@ class RowParallelLinear(_TensorParallelModule):
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
             set_tensor_model_parallel_attributes(self.bias, False)
-            # Under sequence parallelism each rank's bias gradient covers only its sequence chunk.
             self.bias.sequence_parallel = sequence_parallel
         else:
             self.register_parameter("bias", None)
@@ -169,7 +168,12 @@ class RowParallelLinear(_TensorParallelModule):
             y = reduce_scatter_to_sequence_parallel_region(partial_sum, self.tp_group, self.seq_dim)
         else:
             y = reduce_from_tensor_model_parallel_region(partial_sum, self.tp_group)
-        return y + self.bias if self.bias is not None else y
+        if self.bias is None:
+            return y
+        # Under sequence parallelism each rank's bias gradient covers only its sequence chunk;
+        # f's backward all-reduce sums them inside autograd, before any engine sees the grads.
+        bias = copy_to_tensor_model_parallel_region(self.bias, self.tp_group) if self.sequence_parallel else self.bias
+        return y + bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "
@@ -231,26 +235,30 @@ def init_from_full(layer: nn.Module, full_weight: torch.Tensor, full_bias: Optio
         param.copy_(full)
 
 
-def mark_sequence_parallel_parameters(module: nn.Module) -> None:
-    """Tag every parameter of ``module`` (a LayerNorm inside a sequence-parallel region) with
-    ``sequence_parallel=True``: its gradient is a partial sum over this rank's sequence chunk."""
-    for param in module.parameters():
-        param.sequence_parallel = True
+class SequenceParallelLayerNorm(nn.LayerNorm):
+    """LayerNorm that may run on a sequence chunk: TP-duplicated weights, gradients summed over TP.
 
-
-def allreduce_sequence_parallel_grads(module: nn.Module, group: Optional[ProcessGroup]) -> None:
-    """All-reduce over TP the gradients of parameters tagged ``sequence_parallel``, after backward.
-
-    Those parameters are duplicated across TP but each rank saw only its sequence chunk, so the
-    full gradient is the sum. One flat buffer keeps it to a single collective.
+    Under sequence parallelism each rank normalises only its chunk of the sequence, so its
+    weight and bias gradients are partial sums. Passing the parameters through f (identity
+    forward, all-reduce backward) makes autograd produce the full gradient on every rank, so the
+    optimizer, clipping and ZeRO need no extra step. Without sequence parallelism it is a plain
+    LayerNorm.
     """
-    grads = [p.grad for p in module.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads or group_size(group) == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    for grad, reduced in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(reduced.view_as(grad))
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group: Optional[ProcessGroup] = None,
+                 sequence_parallel: bool = False, device: Optional[torch.device | str] = None):
+        super().__init__(hidden_size, eps=eps, device=device)
+        self.tp_group = getattr(group, "tp_group", group)
+        self.sequence_parallel = sequence_parallel and group_size(self.tp_group) > 1
+        for param in self.parameters():
+            param.sequence_parallel = self.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.sequence_parallel:
+            return super().forward(x)
+        weight = copy_to_tensor_model_parallel_region(self.weight, self.tp_group)
+        bias = copy_to_tensor_model_parallel_region(self.bias, self.tp_group)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 @torch.no_grad()

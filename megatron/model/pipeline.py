@@ -1,0 +1,130 @@
+"""BLOOM as a DeepSpeed ``PipelineModule``, with Megatron-DeepSpeed's layer list and indices.
+
+    index 0        identity          (Megatron-DeepSpeed: cast to fp16)
+    index 1        EmbeddingPipe     tied with the LM head ("embed")
+    index 2        identity          (Megatron-DeepSpeed: [b, s] -> [s, b] transpose)
+    index 3..L+2   TransformerLayerPipe x L
+    index L+3      identity          (Megatron-DeepSpeed: transpose back)
+    index L+4      FinalLayerNormPipe
+    index L+5      EmbeddingPipe again, as the LM head (saved with index 1)
+
+The identity entries are kept only so the layer indices, and therefore the checkpoint file
+names (``layer_01``, ``layer_03``..., ``layer_{L+4}``), are BLOOM's own. Class names matter:
+the partition method ``type:transformer|embedding`` balances the layers whose class name
+matches, so BLOOM-176B's 70 blocks + 2 embeddings split 6 per stage over 12 stages.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron.config import Config
+from megatron.model.bloom import BloomBlock, BloomEmbedding, language_model_loss, lm_head_logits
+from megatron.core.tensor_parallel import SequenceParallelLayerNorm
+
+TIED_EMBEDDING_KEY = "embed"
+
+
+class EmbeddingPipe(BloomEmbedding):
+    """The embedding stage; as the last layer it computes logits through the same weight."""
+
+
+class TransformerLayerPipe(BloomBlock):
+    """One block; a pipeline layer of its own (and the unit of activation checkpointing)."""
+
+
+class FinalLayerNormPipe(SequenceParallelLayerNorm):
+    """The final LayerNorm as a pipeline layer (state dict keys ``weight``, ``bias``)."""
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _lm_head(module: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+    return lm_head_logits(hidden, module.word_embeddings)
+
+
+def final_layernorm_index(num_layers: int) -> int:
+    """Pipeline index of the final LayerNorm: L + 4."""
+    return num_layers + 4
+
+
+def layer_specs(cfg: Config, tp_group=None, seed: int = 0) -> list:
+    """The spec list of BLOOM's pipeline (see the module docstring for the indices)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    m, sp = cfg.model, cfg.parallel.sequence_parallel
+    embedding = dict(cfg=m, padded_vocab_size=cfg.padded_vocab_size, tp_group=tp_group, sequence_parallel=sp, seed=seed)
+    return [
+        _identity,
+        TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, **embedding, tied_weight_attr="word_embeddings.weight"),
+        _identity,
+        *[LayerSpec(TransformerLayerPipe, m, i, tp_group, sp, seed) for i in range(m.num_layers)],
+        _identity,
+        LayerSpec(FinalLayerNormPipe, m.hidden_size, m.layernorm_epsilon, tp_group, sp),
+        TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, **embedding, forward_fn=_lm_head,
+                      tied_weight_attr="word_embeddings.weight"),
+    ]
+
+
+def build_pipeline_model(cfg: Config, state, seed: int):
+    """DeepSpeed ``PipelineModule`` over our parallel state's topology (PP x DP x TP)."""
+    from deepspeed.pipe import PipelineModule
+
+    t = cfg.training
+    tp_group = state.tp_group if state.tp_size > 1 else None
+    fused = cfg.model.use_fused_kernels
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return language_model_loss(logits, labels, fused=fused, tp_group=tp_group)
+
+    return PipelineModule(
+        layers=layer_specs(cfg, tp_group, seed),
+        loss_fn=loss_fn,
+        topology=state.deepspeed_topology(),
+        partition_method=cfg.parallel.pp_partition_method,
+        activation_checkpoint_interval=t.checkpoint_num_layers if t.checkpoint_activations else 0,
+        checkpointable_layers=[TransformerLayerPipe.__name__],
+    )
+
+
+def stage_partition(cfg: Config) -> list[tuple[int, int]]:
+    """[start, end) pipeline layer indices per stage, as DeepSpeed will partition them."""
+    import re
+
+    from deepspeed.runtime import utils as ds_utils
+
+    pp = cfg.parallel.pipeline_model_parallel_size
+    names = (["identity", "EmbeddingPipe", "identity"] + ["TransformerLayerPipe"] * cfg.model.num_layers
+             + ["identity", "FinalLayerNormPipe", "EmbeddingPipe"])
+    method = cfg.parallel.pp_partition_method
+    if method.lower().startswith("type:"):
+        pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
+        weights = [1 if pattern.search(name) else 0 for name in names]
+        bounds = ds_utils.partition_balanced(weights=weights, num_parts=pp)
+    elif method == "uniform":
+        bounds = ds_utils.partition_uniform(num_items=len(names), num_parts=pp)
+    else:
+        raise ValueError(f"parallel.pp_partition_method {method!r} is not supported: use 'type:REGEX' or 'uniform'")
+    return [(bounds[i], bounds[i + 1]) for i in range(pp)]
+
+
+def pipeline_to_model_name(name: str, num_layers: int) -> Optional[str]:
+    """Name in the single-device model of a ``PipelineModule`` parameter (None for the tied copy).
+
+    PipelineModule names its parameters ``{index}.{param}`` and tied ones
+    ``tied_modules.embed.{param}``.
+    """
+    if name.startswith(f"tied_modules.{TIED_EMBEDDING_KEY}."):
+        return "embedding." + name.split(".", 2)[2]
+    index, rest = name.split(".", 1)
+    index = int(index)
+    if index == final_layernorm_index(num_layers):
+        return f"final_layernorm.{rest}"
+    if 3 <= index < 3 + num_layers:
+        return f"layers.{index - 3}.{rest}"
+    raise KeyError(f"pipeline parameter {name!r} has no single-device counterpart")
+
