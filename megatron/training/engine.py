@@ -59,6 +59,11 @@ def deepspeed_config(cfg: Config, data_parallel_size: int, global_batch_size: in
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size > 1:
+        # The pipeline engine splits activations over TP for the trip between stages, assuming
+        # every TP rank holds the same tensor; under sequence parallelism each holds its own
+        # chunk already, so that split would send the wrong data.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if t.bf16:
         # BLOOM accumulated bf16 gradients in fp32 across micro-batches.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
