@@ -36,6 +36,7 @@ def dry_run(cfg: Config, world_size: int) -> None:
     cfg.validate(world_size)
     m, p = cfg.model, cfg.parallel
     counts = count_parameters(build_model(m, cfg.padded_vocab_size, device="meta"))
+    # The pipeline's layer indices: embedding 1, blocks 3..L+2, final LayerNorm L+4, tied head L+5.
     dp = cfg.data_parallel_size(world_size)
     print(f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
           f"seq {m.seq_length}, vocab {m.vocab_size:,} padded to {cfg.padded_vocab_size:,}")
@@ -44,6 +45,13 @@ def dry_run(cfg: Config, world_size: int) -> None:
     print(f"  non-embedding: {counts['non_embedding']:,}")
     print(f"layout: TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} DP{dp} "
           f"over {world_size} ranks, ZeRO stage {p.zero_stage}")
+    from megatron.training.memory import estimate_memory, format_memory_table
+
+    t = cfg.training
+    print(f"memory per rank (micro-batch {t.micro_batch_size}, seq {m.seq_length}, "
+          f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}, recompute {'on' if t.checkpoint_activations else 'off'}, "
+          f"sequence parallel {'on' if p.sequence_parallel else 'off'}; formulas in megatron/training/memory.py):")
+    print(format_memory_table(estimate_memory(cfg, world_size)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,44 @@
+"""The dry run's pipeline partition and per-rank memory estimate."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import CONFIGS
+from megatron.config import load_config
+from megatron.model.bloom import build_model, count_parameters
+from megatron.model.pipeline import stage_partition
+from megatron.training.memory import estimate_memory
+
+
+def test_176b_partition_puts_six_weighted_layers_on_each_of_12_stages():
+    cfg = load_config(CONFIGS / "bloom-176b.yaml")
+    parts = stage_partition(cfg)
+    assert len(parts) == 12 and parts[0][0] == 0 and parts[-1][1] == 70 + 6
+    blocks = [sum(1 for i in range(a, b) if 3 <= i < 73) for a, b in parts]
+    assert blocks == [5] + [6] * 10 + [5]  # the first and last stages also hold the embedding / head
+    assert all(a < b for a, b in parts) and all(parts[i][1] == parts[i + 1][0] for i in range(11))
+
+
+@pytest.mark.parametrize("size", ["560m", "1b7", "176b"])
+def test_stage_parameters_add_up_to_the_model(size):
+    cfg = load_config(CONFIGS / f"bloom-{size}.yaml", ["parallel.tensor_model_parallel_size=1"])
+    stages = estimate_memory(cfg, world_size=cfg.parallel.pipeline_model_parallel_size)
+    total = count_parameters(build_model(cfg.model, cfg.padded_vocab_size, device="meta"))["total"]
+    tied_copy = cfg.padded_vocab_size * cfg.model.hidden_size + 2 * cfg.model.hidden_size
+    expected = total + (tied_copy if cfg.parallel.pipeline_model_parallel_size > 1 else 0)
+    assert sum(s.parameters for s in stages) == expected
+
+
+def test_zero_shards_optimizer_state_and_recompute_saves_activations():
+    cfg = load_config(CONFIGS / "bloom-176b.yaml")
+    dp8 = estimate_memory(cfg, 384)[5]
+    dp1 = estimate_memory(cfg, 48)[5]
+    assert dp1.optimizer == pytest.approx(8 * dp8.optimizer)
+    assert dp8.optimizer == pytest.approx(dp8.parameters * 12 / 8)
+    assert dp8.weights == 2 * dp8.parameters and dp8.gradients == 4 * dp8.parameters
+    no_recompute = estimate_memory(load_config(CONFIGS / "bloom-176b.yaml",
+                                               ["training.checkpoint_activations=false"]), 384)[5]
+    assert no_recompute.activations > 5 * dp8.activations
+    # BLOOM-176B's layout fits an 80 GB A100 by this estimate.
+    assert max(s.total for s in estimate_memory(cfg, 384)) < 80e9
