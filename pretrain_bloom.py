@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override one config field, e.g. --set model.num_layers=4 (repeatable)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device, print sizes and layout, exit")
+    # The deepspeed launcher passes --local_rank; torchrun sets LOCAL_RANK instead. Both work.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--world-size", type=int, default=None,
                         help="number of ranks to plan for in --dry-run (default: $WORLD_SIZE or TP x PP)")
     return parser.parse_args(argv)
