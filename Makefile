@@ -1,5 +1,5 @@
 # Convenience targets; each calls the same scripts the README and CI use.
-.PHONY: setup test test-slow demo
+.PHONY: setup test test-slow test-slurm demo
 
 setup:
 	bash scripts/setup.sh
@@ -9,6 +9,10 @@ test:
 
 test-slow:
 	bash scripts/setup.sh && . scripts/env.sh && .venv/bin/python -m pytest -m slow
+
+# Installs (apt-get) and starts a single-node SLURM cluster, runs slurm/cpu-tiny.slurm as a job chain, stops it.
+test-slurm:
+	bash scripts/setup.sh && . scripts/env.sh && .venv/bin/python -m pytest -m slurm tests/test_slurm.py
 
 demo:
 	bash scripts/demo.sh

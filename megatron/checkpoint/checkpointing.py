@@ -1,36 +1,309 @@
-"""Save and resume through DeepSpeed's checkpoint I/O, in Megatron-DeepSpeed's layout.
+"""Saving and resuming a run: one :class:`Checkpointer` per process, every method collective.
 
-``{save}/global_step{N}/mp_rank_00_model_states.pt`` (+ ZeRO optimizer shards) and a
-``{save}/latest`` file naming the newest tag. The client state carries the loop's progress
-and the config, so a resumed run continues where it stopped.
+Save (``Checkpointer.save``)::
+
+    engine.save_checkpoint(save, tag="global_stepN.tmp-<id>", save_latest=False)
+        model files (PipelineModule: layer_XX-model_YY; plain engine: mp_rank_XX + ours below),
+        ZeRO optimizer shards, and our client state in every mp_rank_XX_model_states.pt
+    PP = 1: layer_XX-model_YY-model_states.pt written from the module's state dict
+    barrier; rank 0 commits (megatron/checkpoint/store.py): fsync, manifest, rename, latest;
+    rank 0 applies retention (checkpoint.keep_last / keep_every)
+
+The client state holds everything the loop needs to continue exactly: the iteration,
+consumed samples and tokens (which fix the data position, the learning rate and the ramped
+batch size, all functions of consumed data), the current learning rate and batch size (for
+checking), the config, every random stream of every rank (megatron/checkpoint/rng.py), and
+``universal_checkpoint_info`` for resharding.
+
+Resume (``find_resume_point``, ``prepare``, ``load``): rank 0 picks the newest checkpoint whose
+manifest checks out, reporting and skipping newer broken ones; when it was saved on another
+TP / PP / DP layout (or precision), rank 0 converts it once to a universal checkpoint next to
+it (``global_stepN_universal``) and the engine must be built with ``load_universal``
+(``ResumePoint.universal``); then every rank loads through ``engine.load_checkpoint``.
+
+What gets unpickled: our own code reads checkpoint metadata from JSON (the manifest) and checks
+files without unpickling them. DeepSpeed's ``load_checkpoint`` and its universal converter read
+the ``.pt`` files with ``torch.load(weights_only=False)`` (they hold optimizer objects and our
+client state, which is not plain tensors: Python and NumPy random states). Load only
+checkpoints you or your team wrote; use ``weights_only=True`` (as megatron/convert does and the
+layer files allow) for weights from elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
+import torch
+import torch.distributed as dist
+
+from megatron.checkpoint import universal
+from megatron.checkpoint.layout import (
+    checkpoint_tag, layer_file_name, split_into_layers, universal_tag)
+from megatron.checkpoint.rng import capture_rng_state, gather_data_parallel, reseed, restore_rng_state
+from megatron.checkpoint.store import CheckpointInfo, CheckpointStore, new_temporary_tag
 from megatron.config import Config
+from megatron.core.parallel_state import ParallelState
+
+logger = logging.getLogger(__name__)
+
+# Megatron's checkpoint_version 3.0: fused QKV rows ordered [head, (q, k, v), head_dim], as ours.
+MEGATRON_CHECKPOINT_VERSION = 3.0
+# Model fields a checkpoint must share with the config that resumes it.
+_MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+                       "embed_layernorm")
 
 
-def checkpoint_tag(iteration: int) -> str:
-    """Megatron-DeepSpeed's directory name for the checkpoint after ``iteration`` steps."""
-    return f"global_step{iteration}"
+@dataclass
+class ResumePoint:
+    """The checkpoint a run resumes from, and how."""
+
+    directory: Path
+    tag: str
+    iteration: int
+    saved_layout: dict[str, Any]
+    universal: bool  # saved on another layout: load the universal conversion
+
+    @property
+    def load_tag(self) -> str:
+        """The folder under ``directory`` the engine loads."""
+        return universal_tag(self.tag) if self.universal else self.tag
 
 
-def save(engine, cfg: Config, train_state: dict[str, Any]) -> None:
-    """Write a checkpoint of the engine (model, optimizer) and the loop's state on every rank."""
-    client_state = {"train_state": dict(train_state), "config": cfg.to_dict()}
-    engine.save_checkpoint(cfg.checkpoint.save, tag=checkpoint_tag(train_state["iteration"]),
-                           client_state=client_state)
+@dataclass
+class LoadedCheckpoint:
+    """What a resumed run continues from (the engine's own state is loaded in place)."""
+
+    tag: str
+    train_state: dict[str, Any]
+    rng_state: Optional[dict[str, Any]]  # this rank's streams; None when the layout changed
 
 
-def load(engine, cfg: Config) -> dict[str, Any]:
-    """Resume from ``{load}/latest`` when it exists; returns the saved loop state (empty if none)."""
-    directory = cfg.checkpoint.load
-    if not directory or not (Path(directory) / "latest").is_file():
-        return {}
-    path, client_state = engine.load_checkpoint(directory)
-    if path is None:
-        raise RuntimeError(f"could not load the checkpoint named in {directory}/latest; check the directory")
-    return dict(client_state["train_state"])
+class Checkpointer:
+    """Saves and resumes one run; every method must be called on every rank."""
+
+    def __init__(self, cfg: Config, parallel: ParallelState, rng_tracker=None):
+        self.cfg = cfg
+        self.parallel = parallel
+        self.rank = parallel.rank
+        self.rng_tracker = rng_tracker
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def layout(self) -> dict[str, Any]:
+        """The running layout and precision, as recorded in manifests."""
+        p, t = self.parallel, self.cfg.training
+        return {"tensor_model_parallel_size": p.tp_size, "pipeline_model_parallel_size": p.pp_size,
+                "data_parallel_size": p.dp_size, "world_size": p.layout.world_size,
+                "zero_stage": self.cfg.parallel.zero_stage, "bf16": t.bf16, "fp16": t.fp16}
+
+    def _needs_universal(self, saved: dict[str, Any]) -> bool:
+        mine = self.layout()
+        return any(saved.get(key) != mine[key] for key in mine if key != "world_size")
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save(self, engine, train_state: dict[str, Any], schedule: dict[str, Any]) -> None:
+        """Write checkpoint ``global_step{iteration}`` atomically (see the module docstring)."""
+        directory = self.cfg.checkpoint.save
+        if not directory:
+            raise ValueError("checkpoint.save is not set: set it to a directory to save checkpoints")
+        start = time.perf_counter()
+        tag = checkpoint_tag(train_state["iteration"])
+        store = CheckpointStore(directory)
+
+        def prepare_directory() -> str:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            temporary = new_temporary_tag(tag)
+            for path in store.remove_leftovers():
+                logger.warning("removed %s, left by an interrupted save or deletion", path)
+            return temporary
+
+        temporary = self._on_rank0(prepare_directory)
+        client_state = self._client_state(train_state, schedule)
+        engine.save_checkpoint(directory, tag=temporary, client_state=client_state, save_latest=False)
+        if self.parallel.pp_size == 1:
+            self._write_layer_files(engine, Path(directory) / temporary)
+        if dist.is_initialized():
+            dist.barrier()  # every rank's files are on disk before rank 0 commits
+
+        def commit() -> CheckpointInfo:
+            metadata = {"layout": self.layout(), "train_state": dict(train_state), "schedule": dict(schedule),
+                        "config": self.cfg.to_dict(), "padded_vocab_size": self.cfg.padded_vocab_size,
+                        "write_seconds": round(time.perf_counter() - start, 3)}
+            info = store.commit(temporary, tag, metadata)
+            for deleted in store.apply_retention(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every):
+                logger.info("deleted checkpoint %s/%s (checkpoint.keep_last=%s, keep_every=%s)", directory, deleted,
+                            self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+            return info
+
+        info = self._on_rank0(commit)
+        if self.rank == 0:
+            size = sum(info.manifest["files"].values())
+            logger.info("saved checkpoint %s (%d files, %.1f MB) in %.2f s", info.path, len(info.manifest["files"]),
+                        size / 1e6, time.perf_counter() - start)
+
+    def _client_state(self, train_state: dict[str, Any], schedule: dict[str, Any]) -> dict[str, Any]:
+        p = self.parallel
+        rng = gather_data_parallel(capture_rng_state(self.rng_tracker), p.dp_group, p.dp_size)
+        return {
+            # Megatron-DeepSpeed's keys, read by its tools and by ds_to_universal.
+            "iteration": train_state["iteration"],
+            "tokens": train_state.get("consumed_tokens", 0),
+            "checkpoint_version": MEGATRON_CHECKPOINT_VERSION,
+            "rng_state": rng,
+            "universal_checkpoint_info": universal.universal_checkpoint_info(self.cfg),
+            # Ours.
+            "train_state": dict(train_state),
+            "schedule": dict(schedule),
+            "config": self.cfg.to_dict(),
+            "layout": self.layout(),
+        }
+
+    def _write_layer_files(self, engine, directory: Path) -> None:
+        """Without a pipeline, write the model as the pipeline's layer files (one per TP rank)."""
+        module = engine.module
+        gathered = contextlib.nullcontext()
+        if self.cfg.parallel.zero_stage == 3:
+            import deepspeed
+
+            # ZeRO-3 holds shards of every parameter; gathering is collective over all ranks.
+            gathered = deepspeed.zero.GatheredParameters(list(module.parameters()))
+        with gathered:
+            if self.parallel.dp_rank != 0:
+                return
+            # ZeRO keeps parameters as views into flat buffers; cloning saves only each tensor.
+            state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+            for index, layer_state in split_into_layers(state, self.cfg.model.num_layers).items():
+                torch.save(layer_state, directory / layer_file_name(index, self.parallel.tp_rank))
+
+    # -- resuming -----------------------------------------------------------------------------
+
+    def find_resume_point(self) -> Optional[ResumePoint]:
+        """The newest complete checkpoint under ``checkpoint.load`` (None: start from scratch).
+
+        Rank 0 checks the checkpoints and logs what it skipped and what it picked; every rank
+        gets the same answer.
+        """
+        directory = self.cfg.checkpoint.load
+        if not directory:
+            return None
+
+        def find() -> Optional[ResumePoint]:
+            store = CheckpointStore(directory)
+            info, report = store.find_newest_complete()
+            for line in report:
+                logger.warning(line)
+            if info is None:
+                logger.info("no complete checkpoint in %s: starting from scratch", directory)
+                return None
+            latest = store.latest_tag()
+            if latest is not None and latest != info.tag:
+                logger.warning("%s/latest names %s, but the newest complete checkpoint is %s", directory, latest,
+                               info.tag)
+            self._check_compatible(info)
+            saved = info.manifest.get("layout", {})
+            resume = ResumePoint(Path(directory), info.tag, info.iteration, saved, self._needs_universal(saved))
+            logger.info("resuming from checkpoint %s (iteration %d)%s", info.path, info.iteration,
+                        f", saved on layout {_describe(saved)}; running {_describe(self.layout())}: converting"
+                        if resume.universal else "")
+            return resume
+
+        return self._on_rank0(find)
+
+    def prepare(self, resume: ResumePoint) -> None:
+        """Convert ``resume`` to a universal checkpoint when needed (rank 0, once; reused after)."""
+        if not resume.universal:
+            return
+
+        def convert() -> None:
+            target = resume.directory / resume.load_tag
+            pipelined = self.parallel.pp_size > 1
+            if universal.is_complete(target):
+                universal.rename_parameters(target, pipelined, self.cfg.model.num_layers)
+                logger.info("using the universal conversion %s", target)
+                return
+            start = time.perf_counter()
+            universal.convert_to_universal(resume.directory / resume.tag, target, pipelined, self.cfg.model.num_layers)
+            logger.info("converted %s to the universal checkpoint %s in %.1f s", resume.directory / resume.tag,
+                        target, time.perf_counter() - start)
+
+        self._on_rank0(convert)
+
+    def load(self, engine, resume: ResumePoint) -> LoadedCheckpoint:
+        """Load model, optimizer and loop state from ``resume`` into ``engine``.
+
+        The engine must have been built with ``load_universal`` equal to ``resume.universal``.
+        """
+        start = time.perf_counter()
+        path, client_state = engine.load_checkpoint(str(resume.directory), tag=resume.load_tag,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None or client_state is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {resume.directory / resume.load_tag}: check that "
+                               "the directory holds mp_rank_*_model_states.pt files, or move it away to start afresh")
+        train_state = dict(client_state["train_state"])
+        rng_state = None
+        if not resume.universal:
+            rng_state = client_state["rng_state"][self.parallel.dp_rank]
+        if self.rank == 0:
+            logger.info("loaded %s in %.2f s: iteration %d, %d samples consumed", resume.directory / resume.load_tag,
+                        time.perf_counter() - start, train_state["iteration"], train_state["consumed_samples"])
+        return LoadedCheckpoint(resume.tag, train_state, rng_state)
+
+    def restore_rng(self, loaded: LoadedCheckpoint) -> None:
+        """Continue every random stream where the saved run was; after a layout change (no saved
+        streams for these ranks) derive fresh ones from (seed, iteration) instead."""
+        if loaded.rng_state is not None:
+            restore_rng_state(loaded.rng_state, self.rng_tracker)
+            return
+        reseed(self.cfg.training.seed, loaded.train_state["iteration"], self.rng_tracker, self.parallel.tp_rank,
+               self.parallel.pp_rank)
+
+    def _check_compatible(self, info: CheckpointInfo) -> None:
+        saved = info.manifest.get("config", {}).get("model", {})
+        mine = self.cfg.to_dict()["model"]
+        differing = [f"model.{key}: checkpoint {saved.get(key)!r}, config {mine[key]!r}"
+                     for key in _MODEL_SHAPE_FIELDS if key in saved and saved[key] != mine[key]]
+        if differing:
+            raise ValueError(f"checkpoint {info.path} holds a different model ({'; '.join(differing)}): resume with "
+                             "the checkpoint's model settings, or set checkpoint.load to another directory")
+        padded = info.manifest.get("padded_vocab_size")
+        if padded is not None and padded > self.cfg.padded_vocab_size:
+            raise ValueError(f"checkpoint {info.path} has a padded vocabulary of {padded} rows but this run pads to "
+                             f"{self.cfg.padded_vocab_size}: set model.pad_vocab_size_to: {padded}")
+        saved_data = [d.get("name") for d in info.manifest.get("config", {}).get("data", {}).get("datasets", [])]
+        if saved_data and saved_data != [d.name for d in self.cfg.data.datasets]:
+            logger.warning("checkpoint %s was trained on datasets %s, this run uses %s: the data order after "
+                           "resuming differs from the saved run's", info.path, saved_data,
+                           [d.name for d in self.cfg.data.datasets])
+
+    # -- collectives ----------------------------------------------------------------------------
+
+    def _on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 and give its result to every rank; an exception on rank 0 is
+        raised on every rank (instead of leaving the others waiting in the next collective)."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as exc:  # re-raised below on every rank, with the same message
+                error = exc
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
+            dist.broadcast_object_list(box, src=0)
+            result, message = box[0]
+            if message is not None and error is None:
+                raise RuntimeError(f"rank 0 failed: {message}")
+        if error is not None:
+            raise error
+        return result
+
+
+def _describe(layout: dict[str, Any]) -> str:
+    precision = "bf16" if layout.get("bf16") else "fp16" if layout.get("fp16") else "fp32"
+    return (f"TP{layout.get('tensor_model_parallel_size')} PP{layout.get('pipeline_model_parallel_size')} "
+            f"DP{layout.get('data_parallel_size')} ZeRO-{layout.get('zero_stage')} {precision}")

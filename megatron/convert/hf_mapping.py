@@ -88,3 +88,32 @@ def ours_to_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
     hf = {f"transformer.{ours_to_hf_name(n)}": t for n, t in state.items()}
     hf[_TIED_HEAD] = hf["transformer.word_embeddings.weight"]
     return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer files (pipeline index, key inside the file) <-> transformers names
+
+HF_PREFIX = "transformer."
+
+
+def layer_key_to_hf_name(index: int, key: str, num_layers: int) -> str:
+    """transformers' ``BloomForCausalLM`` name (``transformer.``-prefixed) of tensor ``key`` in the
+    layer file at pipeline index ``index`` (see megatron/convert/layout.py)."""
+    from megatron.convert.layout import layer_kind
+
+    kind = layer_kind(index, num_layers)
+    ours = {"embedding": f"embedding.{key}", "block": f"layers.{index - 3}.{key}",
+            "final_layernorm": f"final_layernorm.{key}"}[kind]
+    return HF_PREFIX + ours_to_hf_name(ours)
+
+
+def hf_name_to_layer_key(name: str, num_layers: int) -> tuple[int, str]:
+    """(pipeline index, key inside the layer file) of a transformers BLOOM parameter name."""
+    from megatron.convert.layer_files import module_key_to_layer
+
+    return module_key_to_layer(hf_to_ours_name(name), num_layers)
+
+
+def is_tied_head(name: str) -> bool:
+    """Whether ``name`` is transformers' LM head, which BLOOM ties to the word embeddings."""
+    return name == _TIED_HEAD

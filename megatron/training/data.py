@@ -8,6 +8,7 @@ curves of successive evaluations (and of different runs) are comparable.
 from __future__ import annotations
 
 import itertools
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +34,11 @@ class TrainingData:
 
     def _loader(self, dataset, consumed_samples: int):
         t = self.cfg.training
-        return build_data_loader(dataset, consumed_samples, t.micro_batch_size, self.dp_rank, self.dp_size,
-                                 self.cfg.data.num_workers, t.seed)
+        loader = build_data_loader(dataset, consumed_samples, t.micro_batch_size, self.dp_rank, self.dp_size,
+                                   self.cfg.data.num_workers, t.seed)
+        if loader is not None and loader.num_workers > 0:
+            loader.worker_init_fn = ignore_stop_signals
+        return loader
 
     def train_loader(self, consumed_samples: int):
         """Micro-batches for this rank, starting after ``consumed_samples`` of the global order."""
@@ -51,6 +55,14 @@ class TrainingData:
             if taken:
                 batches[name] = taken
         return batches
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """In a loader worker: ignore SIGTERM and SIGUSR1. SLURM signals every process of a job step;
+    the training process turns them into a save-and-exit (megatron/training/lifecycle.py), and a
+    worker killed by them would crash it first. Workers still stop with the training process."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def build_training_data(cfg: Config, parallel: ParallelState) -> TrainingData:

@@ -27,8 +27,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [g for g in groups if g["params"]]
 
 
-def deepspeed_config(cfg: Config, data_parallel_size: int, global_batch_size: int, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed configuration dict for this run, at the given (possibly ramping) batch size."""
+def deepspeed_config(cfg: Config, data_parallel_size: int, global_batch_size: int, on_gpu: bool,
+                     load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed configuration dict for this run, at the given (possibly ramping) batch size.
+
+    ``load_universal``: the engine will load a universal checkpoint (resume on another layout,
+    see megatron/checkpoint/universal.py).
+    """
     t, o = cfg.training, cfg.optimizer
     micro = t.micro_batch_size
     ds: dict[str, Any] = {
@@ -64,6 +69,8 @@ def deepspeed_config(cfg: Config, data_parallel_size: int, global_batch_size: in
         # every TP rank holds the same tensor; under sequence parallelism each holds its own
         # chunk already, so that split would send the wrong data.
         ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if t.bf16:
         # BLOOM accumulated bf16 gradients in fp32 across micro-batches.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -71,12 +78,12 @@ def deepspeed_config(cfg: Config, data_parallel_size: int, global_batch_size: in
 
 
 def build_engine(cfg: Config, model: nn.Module, data_parallel_size: int, global_batch_size: int,
-                 mpu: Optional[Any] = None):
+                 mpu: Optional[Any] = None, load_universal: bool = False):
     """``deepspeed.initialize`` with our generated config and parameter groups."""
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
-    ds_config = deepspeed_config(cfg, data_parallel_size, global_batch_size, on_gpu)
+    ds_config = deepspeed_config(cfg, data_parallel_size, global_batch_size, on_gpu, load_universal)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, cfg.optimizer.weight_decay),

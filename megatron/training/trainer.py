@@ -5,14 +5,21 @@ consumed so far, run the micro-batches of this data-parallel rank through the De
 (which accumulates gradients and applies AdamW at the boundary), then log. Steps whose
 gradients are not finite are skipped by ZeRO's optimizer; we count them and stop after too
 many in a row.
+
+After every step the run's lifecycle (megatron/training/lifecycle.py) is asked whether to stop
+(signal, kill switch, time limit, exit interval); if so, the run saves and returns normally,
+so the process exits with status 0 and a requeued job resumes from that checkpoint
+(megatron/checkpoint). Iterations in ``training.skip_train_iteration_range`` consume their data
+without a forward or backward pass.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -20,15 +27,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron.checkpoint import checkpointing
+from megatron.checkpoint.checkpointing import Checkpointer, LoadedCheckpoint
 from megatron.config import Config, save_config
 from megatron.core.distributed import DistributedInfo, init_distributed, shutdown_distributed
 from megatron.core.parallel_state import ParallelState
-from megatron.core.tensor_parallel import check_tp_duplicates_in_sync
+from megatron.core.tensor_parallel import (
+    MODEL_PARALLEL_RNG, RNGStatesTracker, check_tp_duplicates_in_sync, model_parallel_seed)
 from megatron.model.bloom import build_model
 from megatron.model.pipeline import build_pipeline_model
 from megatron.training.data import TrainingData, build_training_data
 from megatron.training.engine import build_engine, set_learning_rate
+from megatron.training.lifecycle import RunLifecycle, job_start_time
 from megatron.training.logging import MetricsLogger, format_train_line
 from megatron.training.metrics import throughput
 from megatron.training.schedules import BatchSizeRampup, LearningRateSchedule, total_train_samples
@@ -46,8 +55,15 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
-    skipped_iterations: int = 0
+    skipped_iterations: int = 0  # updates skipped for non-finite loss or gradients
     consecutive_skipped: int = 0
+    data_skipped_iterations: int = 0  # iterations in training.skip_train_iteration_range
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainState":
+        """From a checkpoint's ``train_state``; fields unknown to this version are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def set_seed(seed: int) -> None:
@@ -58,10 +74,17 @@ def set_seed(seed: int) -> None:
 
 
 class Trainer:
-    """Owns the loop; every collaborator is passed in, nothing is global."""
+    """Owns the loop; every collaborator is passed in, nothing is global.
+
+    ``resumed`` is the checkpoint the state came from: its random streams are restored once the
+    data iterator exists (creating it draws from torch's generator), so the resumed run draws
+    exactly what the uninterrupted run drew.
+    """
 
     def __init__(self, cfg: Config, info: DistributedInfo, parallel: ParallelState, engine, data: TrainingData,
-                 logger: MetricsLogger, state: Optional[TrainState] = None):
+                 logger: MetricsLogger, state: Optional[TrainState] = None,
+                 checkpointer: Optional[Checkpointer] = None, lifecycle: Optional[RunLifecycle] = None,
+                 resumed: Optional[LoadedCheckpoint] = None):
         self.cfg = cfg
         self.info = info
         self.parallel = parallel
@@ -69,21 +92,33 @@ class Trainer:
         self.data = data
         self.logger = logger
         self.state = state or TrainState()
+        self.checkpointer = checkpointer or Checkpointer(cfg, parallel)
+        self.lifecycle = lifecycle or RunLifecycle(cfg.training, time.time())
+        self.stop_reason: Optional[str] = None  # why the run stopped before the end, if it did
+        # A resumed run need not save again before its first step (same directory only).
+        same_directory = cfg.checkpoint.load == cfg.checkpoint.save
+        self._saved_iteration: Optional[int] = (resumed.train_state["iteration"] if resumed and same_directory
+                                                else None)
         steps = PipelineSteps if parallel.pp_size > 1 else EngineSteps
         self.steps = steps(engine, parallel, info.device, cfg.model.use_fused_kernels)
         self.rampup = BatchSizeRampup.from_config(cfg.training)
         self.train_samples = total_train_samples(cfg.training, self.rampup)
         self.schedule = LearningRateSchedule.from_config(cfg.optimizer, self.train_samples, cfg.model.seq_length)
         self._batches: Iterator[dict[str, torch.Tensor]] = iter(data.train_loader(self.state.consumed_samples))
+        if resumed is not None:
+            self.checkpointer.restore_rng(resumed)
 
     # -- one step -------------------------------------------------------------------------------
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step over the current global batch; returns the step's scalars."""
+    def _prepare_step(self) -> tuple[int, float]:
         batch_size = self.rampup(self.state.consumed_samples)
         if batch_size != self.engine.train_batch_size():
             self.engine.set_train_batch_size(batch_size)
-        lr = self.schedule(self.state.consumed_samples, self.state.consumed_tokens)
+        return batch_size, self.schedule(self.state.consumed_samples, self.state.consumed_tokens)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over the current global batch; returns the step's scalars."""
+        batch_size, lr = self._prepare_step()
         set_learning_rate(self.engine, lr)
         skipped_before = self.engine.skipped_steps
         loss = self.steps.train(self._batches)
@@ -93,6 +128,20 @@ class Trainer:
         grad_norm = float(grad_norm) if grad_norm is not None else None
         return {"lm loss": loss, "learning-rate": lr, "batch-size": batch_size,
                 "grad-norm": None if skipped else grad_norm, "skipped": skipped}
+
+    def skip_step(self) -> dict[str, Any]:
+        """An iteration of ``training.skip_train_iteration_range``: its micro-batches are read and
+        dropped (the data position moves on as if trained), no forward, backward or update."""
+        batch_size, lr = self._prepare_step()
+        for _ in range(self.engine.gradient_accumulation_steps()):
+            next(self._batches)
+        self._advance(batch_size, skipped=False)
+        self.state.data_skipped_iterations += 1
+        if self.info.rank == 0:
+            tqdm.write(f"iteration {self.state.iteration}: skipped by training.skip_train_iteration_range "
+                       f"({batch_size} samples of data consumed, no update)")
+        return {"lm loss": float("nan"), "learning-rate": lr, "batch-size": batch_size, "grad-norm": None,
+                "skipped": True, "data-skipped": True}
 
     def check_tp_duplicates(self) -> None:
         """Fail loudly when parameters duplicated across TP ranks (LayerNorms, row-parallel
@@ -154,9 +203,16 @@ class Trainer:
         return steps
 
     def train(self) -> TrainState:
-        """Run until the configured number of samples (or iterations) is consumed."""
+        """Run until the configured number of samples (or iterations) is consumed, or until the
+        lifecycle asks to stop; either way the run ends with a checkpoint when saving is on."""
         cfg, s = self.cfg, self.state
         total = self.total_iterations()
+        self.lifecycle.begin(s.iteration)
+        self.stop_reason = self.lifecycle.check_before_start()
+        if self.stop_reason:
+            if self.info.rank == 0:
+                tqdm.write(f"not training: {self.stop_reason}")
+            return s
         log_every, eval_every = cfg.logging.log_interval, cfg.logging.eval_interval
         save_every = cfg.checkpoint.save_interval
         progress = tqdm(total=total, initial=s.iteration, desc="train", unit="it", disable=self.info.rank != 0,
@@ -167,10 +223,10 @@ class Trainer:
             self._log_eval()
         while s.iteration < total:
             start = time.perf_counter()
-            step = self.train_step()
-            elapsed = time.perf_counter() - start
-            window_time += elapsed
-            window_samples += step["batch-size"]
+            step = self.skip_step() if self.lifecycle.skips(s.iteration + 1) else self.train_step()
+            if not step.get("data-skipped"):  # a skipped iteration's data is read, not trained on
+                window_time += time.perf_counter() - start
+                window_samples += step["batch-size"]
             window.append(step)
             progress.update(1)
             progress.set_postfix(loss=f"{step['lm loss']:.3f}", lr=f"{step['learning-rate']:.2e}")
@@ -183,9 +239,16 @@ class Trainer:
                 self.check_tp_duplicates()
             if save_every and cfg.checkpoint.save and s.iteration % save_every == 0 and s.iteration != total:
                 self.save()
+            self.stop_reason = self.lifecycle.check(s.iteration)
+            if self.stop_reason:
+                break
         progress.close()
-        if cfg.checkpoint.save:
+        if cfg.checkpoint.save and self._saved_iteration != s.iteration:
             self.save()
+        if self.stop_reason and self.info.rank == 0:
+            saved = (f"checkpoint {cfg.checkpoint.save} is at iteration {s.iteration}; start the same command to resume"
+                     if cfg.checkpoint.save else "checkpoint.save is not set: nothing was saved")
+            tqdm.write(f"stopping at iteration {s.iteration}/{total}: {self.stop_reason}; {saved}")
         return s
 
     def _log_train(self, window: list[dict[str, Any]], seconds: float, samples: int, progress: tqdm) -> None:
@@ -193,6 +256,7 @@ class Trainer:
         finite = [w["lm loss"] for w in window if not w["skipped"]]
         norms = [w["grad-norm"] for w in window if w["grad-norm"] is not None]
         last = window[-1]
+        trained = sum(1 for w in window if not w.get("data-skipped"))
         scalars = {
             "lm loss": sum(finite) / len(finite) if finite else float("nan"),
             "learning-rate": last["learning-rate"],
@@ -200,7 +264,7 @@ class Trainer:
             "grad-norm": norms[-1] if norms else None,
             "skipped-iterations": s.skipped_iterations,
             "consumed-tokens": s.consumed_tokens,
-            "iteration-time": seconds / len(window),
+            "iteration-time": seconds / max(trained, 1),
         }
         scalars.update(throughput(cfg.model, cfg.padded_vocab_size, samples, seconds, self.info.world_size,
                                   cfg.training.checkpoint_activations, cfg.logging.peak_flops_per_device))
@@ -219,7 +283,12 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the engine and the loop's state (see megatron.checkpoint.checkpointing)."""
         self.check_tp_duplicates()
-        checkpointing.save(self.engine, self.cfg, asdict(self.state))
+        s = self.state
+        # The next step's values: functions of the consumed data, recorded to check a resume.
+        schedule = {"next_learning_rate": self.schedule(s.consumed_samples, s.consumed_tokens),
+                    "next_global_batch_size": self.rampup(s.consumed_samples)}
+        self.checkpointer.save(self.engine, asdict(s), schedule)
+        self._saved_iteration = s.iteration
 
 
 def _memory_stats(device: torch.device) -> dict[str, float]:
@@ -250,28 +319,70 @@ def build_network(cfg: Config, parallel: ParallelState, device: torch.device) ->
                        checkpoint_num_layers=t.checkpoint_num_layers if t.checkpoint_activations else 0)
 
 
+def build_rng_tracker(cfg: Config, parallel: ParallelState, device: torch.device) -> RNGStatesTracker:
+    """The tensor-parallel random stream of this rank (Megatron's seeds); saved in checkpoints."""
+    tracker = RNGStatesTracker(device)
+    tracker.add(MODEL_PARALLEL_RNG, model_parallel_seed(cfg.training.seed, parallel.tp_rank, parallel.pp_rank)[1])
+    return tracker
+
+
+def configure_logging(rank: int) -> None:
+    """Show the ``megatron`` loggers' messages (checkpoints, data) on the console: rank 0's
+    information, every rank's warnings. A configuration made by the caller is left alone."""
+    log = logging.getLogger("megatron")
+    if log.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank {rank}] %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
 def pretrain(cfg: Config, on_finish: Optional[Callable[[Any, ParallelState], None]] = None) -> TrainState:
     """Build the run from its config and train it; ``on_finish(engine, parallel)`` runs on every
-    rank after training, before the process group is torn down (tests use it to gather weights)."""
+    rank after training, before the process group is torn down (tests use it to gather weights).
+
+    Resumes from the newest complete checkpoint under ``checkpoint.load`` (converting it when it
+    was saved on another layout). Returns normally, also when a signal, the kill switch or a
+    time limit stopped the run early (after saving).
+    """
+    lifecycle = RunLifecycle(cfg.training, job_start_time())
+    # Handle SIGTERM/SIGUSR1 from the start: one arriving during start-up stops the run before
+    # its first step instead of killing it.
+    with lifecycle.handling_signals():
+        return _pretrain(cfg, lifecycle, on_finish)
+
+
+def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
     info = init_distributed()
     cfg.validate(info.world_size)
+    configure_logging(info.rank)
     p = cfg.parallel
     parallel = ParallelState(info.world_size, info.rank, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     set_seed(cfg.training.seed)
+    tracker = build_rng_tracker(cfg, parallel, info.device)
     if info.rank == 0 and cfg.logging.run_dir:
         save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
     data = build_training_data(cfg, parallel)
     model = build_network(cfg, parallel, info.device)
     rampup = BatchSizeRampup.from_config(cfg.training)
+    checkpointer = Checkpointer(cfg, parallel, tracker)
+    resume = checkpointer.find_resume_point()
+    if resume is not None:
+        checkpointer.prepare(resume)
     # With a pipeline DeepSpeed builds its grid from the PipelineModule's topology and refuses an mpu.
-    engine = build_engine(cfg, model, parallel.dp_size, rampup(0), mpu=None if parallel.pp_size > 1 else parallel)
-    state = TrainState(**checkpointing.load(engine, cfg)) if cfg.checkpoint.load else TrainState()
+    engine = build_engine(cfg, model, parallel.dp_size, rampup(0), mpu=None if parallel.pp_size > 1 else parallel,
+                          load_universal=resume is not None and resume.universal)
+    loaded = checkpointer.load(engine, resume) if resume is not None else None
+    state = TrainState.from_dict(loaded.train_state) if loaded else TrainState()
     logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard_dir, info.rank)
     try:
-        state = Trainer(cfg, info, parallel, engine, data, logger, state).train()
+        trainer = Trainer(cfg, info, parallel, engine, data, logger, state, checkpointer, lifecycle, loaded)
+        state = trainer.train()
         if on_finish is not None:
             on_finish(engine, parallel)
-        if info.rank == 0 and cfg.logging.sample_prompts and parallel.tp_size * parallel.pp_size == 1:
+        finished = trainer.stop_reason is None
+        if finished and info.rank == 0 and cfg.logging.sample_prompts and parallel.tp_size * parallel.pp_size == 1:
             print("greedy continuations:")
             print_samples(cfg, engine.module, data.tokenizer, info.device)
     finally:

@@ -1,0 +1,283 @@
+"""The checkpoint directory on disk: atomic commits, completeness checks, discovery, retention.
+
+A checkpoint is complete when its directory is named ``global_stepN`` and its
+``manifest.json`` lists every file with its size, and the files on disk still match.
+Saving makes that true atomically:
+
+1. every rank writes into ``global_stepN.tmp-<id>`` (a name no reader ever loads);
+2. after a barrier, rank 0 fsyncs the files, writes the manifest last, renames the
+   directory to ``global_stepN`` and then replaces ``latest`` (write a temporary file,
+   ``os.replace``).
+
+A process killed at any point therefore leaves either the previous checkpoint as the newest
+complete one, or the new one fully written. Readers never trust ``latest`` alone: they pick the
+newest directory whose manifest checks out, so a checkpoint truncated later (a full disk, a
+copy interrupted) is reported and skipped, never half loaded.
+
+fsync from rank 0 covers files written by other processes of the same node (one page cache);
+on a multi-node parallel file system (Lustre, GPFS) the writers' ``close`` already made the data
+visible to rank 0, which is what the manifest's sizes then check.
+
+Only rank 0 calls the functions that change the directory; every rank may read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from megatron.checkpoint.layout import (
+    LATEST_FILE, LATEST_ITERATION_FILE, MANIFEST_FILE, TAG_PREFIX, checkpoint_tag, iteration_of, universal_tag)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "megatron-bloom-checkpoint"
+MANIFEST_VERSION = 1
+_TEMPORARY_MARKERS = (".tmp-", ".deleting-", ".replaced-")
+
+
+@dataclass
+class CheckpointInfo:
+    """A complete checkpoint as its manifest describes it."""
+
+    directory: Path  # the save/load directory holding ``global_stepN``
+    tag: str
+    iteration: int
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        """The ``global_stepN`` directory."""
+        return self.directory / self.tag
+
+
+# -- small atomic file helpers ------------------------------------------------------------------
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or directory's) data and metadata to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` so a reader sees the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+
+
+def new_temporary_tag(tag: str) -> str:
+    """A fresh name to write checkpoint ``tag`` under until it is complete."""
+    return f"{tag}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+# -- checking one checkpoint --------------------------------------------------------------------
+
+
+def check_torch_file(path: Path) -> Optional[str]:
+    """Why ``path`` is not an intact ``torch.save`` archive, or None when it is.
+
+    Reads the zip directory at the end of the file (a truncated or zero-filled file has none)
+    and the pickle record, whose CRC the zip format checks. Nothing is unpickled, so this is
+    safe on files of unknown origin and costs a few kilobytes per file, not a full read.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            if not pickles:
+                return "holds no pickle record (not a torch.save file)"
+            archive.read(pickles[0])
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        return f"is not a readable torch.save archive ({exc})"
+    return None
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint directory ``path``; raises ValueError naming the problem."""
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ValueError(f"{manifest_path} is missing: the save was interrupted, or the directory was not written "
+                         "by this framework")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{manifest_path} is unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{manifest_path} is not a {MANIFEST_FORMAT} manifest")
+    if manifest.get("version", 0) > MANIFEST_VERSION:
+        raise ValueError(f"{manifest_path} has manifest version {manifest.get('version')}, newer than this code "
+                         f"understands ({MANIFEST_VERSION}): update the code")
+    return manifest
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """Problems that make checkpoint directory ``path`` unusable (empty when it is complete)."""
+    try:
+        manifest = read_manifest(path)
+    except ValueError as exc:
+        return [str(exc)]
+    problems = []
+    for name, size in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file} is missing")
+            continue
+        actual = file.stat().st_size
+        if actual != size:
+            problems.append(f"{file} has {actual} bytes but the manifest records {size}: it was truncated or "
+                            "overwritten")
+            continue
+        if file.suffix == ".pt":
+            problem = check_torch_file(file)
+            if problem:
+                problems.append(f"{file} {problem}")
+    return problems
+
+
+# -- the directory of checkpoints ---------------------------------------------------------------
+
+
+class CheckpointStore:
+    """One directory of ``global_stepN`` checkpoints (``checkpoint.save`` or ``checkpoint.load``)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+
+    def tags(self) -> list[str]:
+        """Names of ``global_stepN`` directories, newest first (complete or not)."""
+        if not self.directory.is_dir():
+            return []
+        found = [(iteration_of(p.name), p.name) for p in self.directory.iterdir() if p.is_dir()]
+        return [tag for it, tag in sorted((f for f in found if f[0] is not None), reverse=True)]
+
+    def leftovers(self) -> list[Path]:
+        """Directories of interrupted saves or deletions (``global_stepN.tmp-*`` ...)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir()
+                      if p.is_dir() and p.name.startswith(TAG_PREFIX) and any(m in p.name for m in _TEMPORARY_MARKERS))
+
+    def find_newest_complete(self) -> tuple[Optional[CheckpointInfo], list[str]]:
+        """The newest checkpoint that passes :func:`verify_checkpoint`, and a report line for
+        every newer one that was skipped (and for leftovers of interrupted saves)."""
+        report = [f"ignoring {p}: an interrupted save or deletion (no complete checkpoint there)"
+                  for p in self.leftovers() if ".tmp-" in p.name]
+        for tag in self.tags():
+            path = self.directory / tag
+            problems = verify_checkpoint(path)
+            if not problems:
+                manifest = read_manifest(path)
+                return CheckpointInfo(self.directory, tag, iteration_of(tag), manifest), report
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            report.append(f"skipping checkpoint {path}: {shown}. It will not be loaded; delete it once you have "
+                          "looked at it")
+        return None, report
+
+    def latest_tag(self) -> Optional[str]:
+        """The tag named in ``latest`` (a hint only: readers verify before trusting it)."""
+        try:
+            return (self.directory / LATEST_FILE).read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
+
+    # -- writing (rank 0 only) -----------------------------------------------------------------
+
+    def remove_leftovers(self, keep: Iterable[str] = ()) -> list[Path]:
+        """Delete directories of interrupted saves and deletions, except the names in ``keep``."""
+        keep = set(keep)
+        removed = [p for p in self.leftovers() if p.name not in keep]
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        return removed
+
+    def commit(self, temporary_tag: str, tag: str, metadata: dict[str, Any]) -> CheckpointInfo:
+        """Turn the fully written ``temporary_tag`` directory into checkpoint ``tag``.
+
+        fsyncs every file, writes ``manifest.json`` (files, sizes and ``metadata``) last, renames
+        the directory, then points ``latest`` at it. An existing directory of the same name (a
+        step saved again after resuming from an older checkpoint) is replaced.
+        """
+        staging = self.directory / temporary_tag
+        files = {}
+        for file in sorted(p for p in staging.rglob("*") if p.is_file()):
+            fsync_path(file)
+            files[file.relative_to(staging).as_posix()] = file.stat().st_size
+        manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "tag": tag,
+                    "iteration": iteration_of(tag), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    **metadata, "files": files}
+        atomic_write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+        final = self.directory / tag
+        replaced = None
+        if final.exists():
+            replaced = final.with_name(f"{tag}.replaced-{uuid.uuid4().hex[:8]}")
+            os.rename(final, replaced)
+        os.rename(staging, final)
+        fsync_path(self.directory)
+        self.write_latest(tag)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        return CheckpointInfo(self.directory, tag, iteration_of(tag), manifest)
+
+    def write_latest(self, tag: str) -> None:
+        """Point ``latest`` (DeepSpeed) and ``latest_checkpointed_iteration.txt`` (Megatron) at ``tag``."""
+        atomic_write_text(self.directory / LATEST_FILE, tag)
+        atomic_write_text(self.directory / LATEST_ITERATION_FILE, str(iteration_of(tag)))
+
+    def apply_retention(self, keep_last: Optional[int], keep_every: Optional[int]) -> list[str]:
+        """Delete complete checkpoints beyond the newest ``keep_last``, except multiples of
+        ``keep_every``; returns the deleted tags. Incomplete ones are left for inspection."""
+        # A readable manifest is enough here: the full check of every file is for loading.
+        complete = [iteration_of(tag) for tag in self.tags() if _has_manifest(self.directory / tag)]
+        doomed = checkpoints_to_delete(complete, keep_last, keep_every)
+        for iteration in doomed:
+            self.delete(checkpoint_tag(iteration))
+        return [checkpoint_tag(i) for i in doomed]
+
+    def delete(self, tag: str) -> None:
+        """Remove checkpoint ``tag`` (and its universal conversion): renamed first, so a process
+        killed halfway leaves a leftover rather than a broken ``global_stepN``."""
+        for name in (tag, universal_tag(tag)):
+            path = self.directory / name
+            if path.exists():
+                doomed = path.with_name(f"{name}.deleting-{uuid.uuid4().hex[:8]}")
+                os.rename(path, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _has_manifest(path: Path) -> bool:
+    try:
+        read_manifest(path)
+    except ValueError:
+        return False
+    return True
+
+
+def checkpoints_to_delete(iterations: Iterable[int], keep_last: Optional[int], keep_every: Optional[int]) -> list[int]:
+    """Iterations to delete so that the newest ``keep_last`` remain plus every multiple of
+    ``keep_every`` (None: keep all; the newest is always kept)."""
+    ordered = sorted(set(iterations), reverse=True)
+    if keep_last is None:
+        return []
+    keep = set(ordered[: max(keep_last, 1)])
+    if keep_every:
+        keep.update(i for i in ordered if i % keep_every == 0)
+    return sorted(i for i in ordered if i not in keep)
