@@ -93,16 +93,18 @@ def bench_shape(name: str, config: Path, tp: int, dtype: str, work: Path) -> dic
     os.sync()  # write back the new files first, so their I/O is not counted in the export
     layer_bytes = sum(p.stat().st_size for p in (ckpt / "global_step1").iterdir())
     largest = max(p.stat().st_size for p in (ckpt / "global_step1").iterdir())
-    export_s, export_mib, export_log = run_measured([sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(ckpt),
-                                            "--output", str(hf), "--quiet"])
+    export_s, export_mib, export_log = run_measured([sys.executable, "tools/convert_to_hf.py", "--checkpoint",
+                                                     str(ckpt), "--output", str(hf), "--quiet"])
     os.sync()
     import_s, import_mib, import_log = run_measured([sys.executable, "tools/convert_from_hf.py", "--hf", str(hf),
                                             "--output", str(back), "--tp", str(tp), "--quiet"])
     hf_bytes = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
     result = {"shape": name, "config": str(config.relative_to(ROOT)), "tp": tp, "dtype": dtype,
               "checkpoint_bytes": layer_bytes, "largest_layer_file_bytes": largest, "safetensors_bytes": hf_bytes,
-              "export_seconds": round(export_s, 2), "export_conversion_seconds": _reported_seconds(export_log), "export_peak_rss_mib": round(export_mib, 1),
-              "import_seconds": round(import_s, 2), "import_conversion_seconds": _reported_seconds(import_log), "import_peak_rss_mib": round(import_mib, 1)}
+              "export_seconds": round(export_s, 2), "export_conversion_seconds": _reported_seconds(export_log),
+              "export_peak_rss_mib": round(export_mib, 1),
+              "import_seconds": round(import_s, 2), "import_conversion_seconds": _reported_seconds(import_log),
+              "import_peak_rss_mib": round(import_mib, 1)}
     for path in (ckpt, hf, back):
         shutil.rmtree(path, ignore_errors=True)
     return result
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
               f"({r['import_seconds']:.1f}) | {r['import_peak_rss_mib']:,.0f} |")
     import torch
 
-    record = {"command": "python bench/convert_hf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    command = "python bench/convert_hf.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    record = {"command": command.strip(),
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version(), "torch": torch.__version__},
               "baseline_peak_rss_mib": round(baseline_mib, 1), "baseline_seconds": round(baseline_s, 2),

@@ -32,15 +32,23 @@ pid_file() {  # pid_file DAEMON: where that daemon's PID is recorded
     esac
 }
 
-# PID of DAEMON if its PID file names a live process that really is that daemon (a PID file
-# can outlive its process, and the number can be reused by an unrelated one).
+# Whether PID is a running process (a zombie waiting to be reaped by init does not count).
+running() {
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    stat="${stat##*) }"  # fields after "(comm)", whatever the command name contains
+    [[ "${stat%% *}" != Z ]]
+}
+
+# PID of DAEMON if its PID file names a running process that really is that daemon (a PID
+# file can outlive its process, and the number can be reused by an unrelated one).
 live_pid() {
     local file pid
     file="$(pid_file "$1")"
     [[ -s "$file" ]] || return 1
     pid="$(tr -dc '0-9' < "$file")"
-    [[ -n "$pid" && -r "/proc/$pid/comm" ]] || return 1
-    [[ "$(cat "/proc/$pid/comm")" == "$1"* ]] || return 1
+    [[ -n "$pid" ]] && running "$pid" || return 1
+    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$1"* ]] || return 1
     echo "$pid"
 }
 
@@ -146,26 +154,56 @@ start() {
     echo "export SLURM_CONF=$SLURM_CONF"
 }
 
+queue_empty() { [[ -z "$(squeue -h -o %A 2>/dev/null)" ]]; }
+not_running() { ! running "$1"; }
+
+# Processes this cluster started for jobs that are still there after their job ended:
+# slurmstepd, and job processes that left their step's process tree (with
+# proctrack/linuxproc, a process whose parent died is no longer found by SLURM). Both carry
+# this cluster's SLURM_CONF; job processes also a SLURM_JOB_ID. Our own clients have no job id.
+leftover_pids() {
+    local pid env
+    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+        [[ "$pid" != "$$" ]] && running "$pid" || continue
+        env="$( { tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null)" || continue
+        grep -qx "SLURM_CONF=$SLURM_CONF" <<<"$env" || continue
+        if [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == slurmstepd ]] || grep -q '^SLURM_JOB_ID=' <<<"$env"; then
+            echo "$pid"
+        fi
+    done
+    return 0
+}
+
 stop() {
-    # Jobs first, so that no job step outlives the daemons that manage it.
-    if live_pid slurmctld >/dev/null; then
+    # Jobs first, while slurmd can still end their steps: otherwise slurmstepd and the job's
+    # processes would outlive the daemons that manage them.
+    if live_pid slurmctld >/dev/null && ! queue_empty; then
         local jobs
-        jobs="$(squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')"
-        if [[ -n "${jobs// /}" ]]; then
+        jobs="$(squeue -h -o %A | sort -u | tr '\n' ' ')"
+        echo "[slurm] cancelling jobs: $jobs"
+        # shellcheck disable=SC2086
+        scancel $jobs 2>/dev/null || true
+        # SIGTERM first (a training run saves), SIGKILL after SLURM's KillWait (30 s).
+        if ! wait_for 45 queue_empty; then
             # shellcheck disable=SC2086
-            scancel $jobs 2>/dev/null || true
-            wait_for 30 bash -c '[[ -z "$(squeue -h -o %A 2>/dev/null)" ]]' || echo "[slurm] jobs still listed: $jobs" >&2
+            scancel --full --signal=KILL $jobs 2>/dev/null || true
+            wait_for 15 queue_empty || echo "[slurm] jobs still listed: $jobs" >&2
         fi
     fi
     local pid
     for d in "${DAEMONS[@]}"; do
         pid="$(live_pid "$d")" || continue
         kill "$pid" 2>/dev/null || true
-        if ! wait_for 15 bash -c "! kill -0 $pid"; then
+        # Wait on the process, not its PID file: daemons delete the file when they start exiting.
+        if ! wait_for 15 not_running "$pid"; then
             echo "[slurm] $d ($pid) ignored SIGTERM; sending SIGKILL" >&2
             kill -KILL "$pid" 2>/dev/null || true
         fi
         echo "[slurm] stopped $d ($pid)"
+    done
+    for pid in $(leftover_pids); do
+        echo "[slurm] killing $(cat "/proc/$pid/comm" 2>/dev/null) ($pid): left over from a job" >&2
+        kill -KILL "$pid" 2>/dev/null || true
     done
 }
 

@@ -37,7 +37,7 @@ def _train_worker(rank: int, body: dict, out: str) -> None:
 
     def on_finish(engine, parallel):
         save_layer_files(engine.module, f"{out}/ours/global_step{STEPS}", parallel, layers)
-        engine.save_checkpoint(f"{out}/deepspeed", tag=f"global_step{STEPS}")
+        engine.save_checkpoint(f"{out}/deepspeed", tag=f"global_step{STEPS}", client_state={"config": body})
         # Every rank's parameters with their TP attributes, for an independent gather.
         local = {}
         for name, param in engine.module.named_parameters():
@@ -82,13 +82,48 @@ def test_export_of_a_tp2_pp2_training_run(tmp_path):
     cfg = config_from_dict(body)
     save_config(cfg, tmp_path / "run.yaml")
     export_to_hf(tmp_path / "ours", tmp_path / "hf-ours", config=tmp_path / "run.yaml", progress=False)
-    export_to_hf(tmp_path / "deepspeed", tmp_path / "hf-ds", config=tmp_path / "run.yaml", progress=False)
+    # No --config: the model shape comes from the config DeepSpeed saved in mp_rank_00's client state.
+    summary = export_to_hf(tmp_path / "deepspeed", tmp_path / "hf-ds", progress=False)
+    assert "client state" in summary.config_source
     a, b = safetensors_dict(tmp_path / "hf-ours"), safetensors_dict(tmp_path / "hf-ds")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     reference = build_model(cfg.model, cfg.model.padded_vocab_size(1)).eval()
     reference.load_state_dict(_gather(tmp_path, 4))
     hf = BloomForCausalLM.from_pretrained(tmp_path / "hf-ds").eval()
+    tokens = torch.randint(0, VOCAB, (2, cfg.model.seq_length))
+    with torch.no_grad():
+        diff = (hf(tokens).logits - reference(tokens)).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def _checkpointing_worker(rank: int, body: dict, out: str) -> None:
+    from megatron.training.trainer import pretrain
+
+    def on_finish(engine, parallel):
+        local = {}
+        for name, param in engine.module.named_parameters():
+            local[name] = (param.detach().clone(), getattr(param, "tensor_model_parallel", False),
+                           getattr(param, "partition_dim", -1))
+        torch.save({"tp_rank": parallel.tp_rank, "weights": local}, f"{out}/rank{rank}.pt")
+
+    pretrain(config_from_dict(body), on_finish=on_finish)
+
+
+@pytest.mark.filterwarnings("ignore:no tokenizer given")
+def test_export_of_a_trainer_checkpoint_without_pipeline(tmp_path):
+    """TP=2, DP=2, ZeRO-2: the trainer's own checkpoint (layer files cut from the single module)."""
+    corpus = synthetic_corpus(tmp_path / "corpus")
+    body = tiny_run(tmp_path, corpus, parallel={"tensor_model_parallel_size": 2, "zero_stage": 2},
+                    training={"train_iters": STEPS}, logging={"eval_interval": 0},
+                    checkpoint={"save": str(tmp_path / "ckpt"), "save_interval": STEPS})
+    run_ranks(_checkpointing_worker, 4, (body, str(tmp_path)), timeout=600)
+    summary = export_to_hf(tmp_path / "ckpt", tmp_path / "hf", progress=False)  # config found with the checkpoint
+    assert summary.tp_size == 2 and summary.checkpoint_dir.name == f"global_step{STEPS}"
+    cfg = config_from_dict(body)
+    reference = build_model(cfg.model, cfg.model.padded_vocab_size(1)).eval()
+    reference.load_state_dict(_gather(tmp_path, 2))  # ranks 0 and 1: TP ranks of data-parallel replica 0
+    hf = BloomForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, VOCAB, (2, cfg.model.seq_length))
     with torch.no_grad():
         diff = (hf(tokens).logits - reference(tokens)).abs().max().item()

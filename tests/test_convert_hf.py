@@ -161,7 +161,8 @@ def test_exported_tokenizer_loads_offline_and_agrees(exported, monkeypatch):
     ours = load_tokenizer(TOKENIZER)
     text = "Article 1. All human beings are born free — 人人生而自由. def __init__(self):"
     assert tokenizer(text)["input_ids"] == ours.encode(text)
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id) == (1, 2, 3, 0)
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+    assert ids == (1, 2, 3, 0)
     config = json.loads((root / "hf" / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "BloomTokenizerFast"
 
@@ -225,7 +226,8 @@ def test_import_writes_a_trainable_checkpoint(tmp_path):
     cfg = load_config(out / "config.yaml")
     assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == (2, 2)
     m = cfg.model
-    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.vocab_size, cfg.padded_vocab_size) == (3, 96, 6, 4096, 4096)
+    shape = (m.num_layers, m.hidden_size, m.num_attention_heads, m.vocab_size, cfg.padded_vocab_size)
+    assert shape == (3, 96, 6, 4096, 4096)
     assert cfg.checkpoint.load == str(out) and cfg.data.tokenizer == str(out / "tokenizer.json")
     assert cfg.optimizer.lr == 1.5e-3  # from the base config
     assert summary.num_parameters == sum(p.numel() for p in hf.parameters())  # tied head counted once
@@ -255,6 +257,19 @@ def test_import_reads_sharded_pytorch_bin(tmp_path):
     back = safetensors_dict(tmp_path / "back")
     assert set(back) == set(state)
     assert all(torch.equal(back[n], state[n]) for n in state)
+    # One unsharded file with BloomModel's names (no "transformer." prefix), as older BLOOM folders have.
+    (tmp_path / "base").mkdir()
+    torch.save({n.removeprefix("transformer."): t for n, t in state.items()}, tmp_path / "base" / "pytorch_model.bin")
+    hf.config.save_pretrained(tmp_path / "base")
+    import_from_hf(tmp_path / "base", tmp_path / "ours-base", tp=2, progress=False)
+    for path in (tmp_path / "ours" / "global_step0").iterdir():
+        tp1 = torch.load(path, weights_only=True)
+        tp2 = [torch.load(tmp_path / "ours-base" / "global_step0" / path.name.replace("model_00", f"model_{r:02d}"),
+                          weights_only=True) for r in range(2)]
+        for key, tensor in tp1.items():
+            dim = 0 if key in SPLIT_DIM0 else 1 if key in SPLIT_DIM1 else None
+            merged = tp2[0][key] if dim is None else torch.cat([t[key] for t in tp2], dim)
+            assert torch.equal(merged, tensor), (path.name, key)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,10 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from megatron.convert.errors import ConversionError
-from megatron.convert.layer_files import (LayerFileSet, load_layer_files_into, load_tensor_file, module_key_to_layer,
-                                          read_merged_layer, resolve_checkpoint_dir, save_layer_files, write_latest)
+from megatron.convert.layer_files import (LayerFileSet, checkpoint_step, is_layer_files_only, load_layer_files_into,
+                                          load_tensor_file, module_key_to_layer, read_merged_layer,
+                                          resolve_checkpoint_dir, save_layer_files, write_latest)
 from megatron.convert.layout import BLOCK_KEYS, EMBEDDING_KEYS, layer_indices, merge_shards, partition_dim, split_full
-from megatron.convert.safetensors_stream import ShardedSafetensorsWriter, TensorPlan, parse_size, plan_shards
+from megatron.convert.safetensors_stream import (SafetensorsReader, ShardedSafetensorsWriter, TensorPlan, parse_size,
+                                                 plan_shards)
 from megatron.model.bloom import build_model
 from test_convert_hf import contract_layer_files, random_model, tiny_config
 
@@ -44,6 +46,13 @@ def test_module_names_map_to_megatron_deepspeed_layer_indices():
     assert module_key_to_layer("tied_modules.embed.word_embeddings.weight", 24) == (1, "word_embeddings.weight")
     assert module_key_to_layer("17.self_attention.dense.bias", 24) == (17, "self_attention.dense.bias")
     assert layer_indices(2) == [1, 3, 4, 6]
+    from megatron.convert.hf_mapping import hf_name_to_layer_key, layer_key_to_hf_name
+
+    for hf_name, layer in (("transformer.h.3.mlp.dense_4h_to_h.bias", (6, "mlp.dense_4h_to_h.bias")),
+                           ("word_embeddings_layernorm.weight", (1, "word_embeddings.norm.weight")),
+                           ("transformer.ln_f.bias", (28, "bias"))):
+        assert hf_name_to_layer_key(hf_name, 24) == layer
+        assert layer_key_to_hf_name(*layer, 24) == "transformer." + hf_name.removeprefix("transformer.")
 
 
 def test_save_layer_files_follows_the_contract_and_loads_back(tmp_path):
@@ -57,7 +66,11 @@ def test_save_layer_files_follows_the_contract_and_loads_back(tmp_path):
         assert list(mine) == list(expected) and all(torch.equal(mine[k], expected[k]) for k in mine)
     fresh = build_model(cfg.model, seed=5)
     report = load_layer_files_into(fresh, tmp_path / "ours")  # no 'latest': the highest global_step*
-    assert report["tensors"] == len(model.state_dict()) and report["files"] == 4
+    assert report["tensors"] == len(model.state_dict()) and report["files"] == 4 and report["step"] == 1
+    assert is_layer_files_only(tmp_path / "ours" / "global_step1")
+    (tmp_path / "ours" / "global_step1" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert not is_layer_files_only(tmp_path / "ours" / "global_step1")
+    assert checkpoint_step(tmp_path / "ours") is None
     for name, tensor in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
 
@@ -92,8 +105,9 @@ def test_loading_into_a_model_of_another_shape_names_the_tensor(tmp_path):
     model = random_model(tiny_config(num_layers=2))
     save_layer_files(model, tmp_path / "global_step1")
     wider = build_model(tiny_config(num_layers=2, hidden=120).model)
-    with pytest.raises(ConversionError, match=r"'word_embeddings.weight' in .*layer_01-model_00.* shape \(4096, 96\) "
-                                              r"but the model's 'embedding.word_embeddings.weight' has shape \(4096, 120\)"):
+    message = (r"'word_embeddings.weight' in .*layer_01-model_00.* shape \(4096, 96\) "
+               r"but the model's 'embedding.word_embeddings.weight' has shape \(4096, 120\)")
+    with pytest.raises(ConversionError, match=message):
         load_layer_files_into(wider, tmp_path)
     deeper = build_model(tiny_config(num_layers=3).model)
     with pytest.raises(ConversionError, match="3 transformer layers but .* holds 2"):
@@ -132,8 +146,9 @@ def test_streaming_safetensors_writer(tmp_path):
             writer.write("b", tensors["b"])
         with pytest.raises(ConversionError, match="planned"):
             writer.write("a", tensors["a"].double())
-        for name, tensor in tensors.items():
-            writer.write(name, tensor)
+        writer.write("a", list(tensors["a"].chunk(2)))  # parts concatenated along dim 0
+        for name in ("b", "c", "d"):
+            writer.write(name, tensors[name])
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     loaded = {}
     for file in set(index["weight_map"].values()):
@@ -144,3 +159,24 @@ def test_streaming_safetensors_writer(tmp_path):
                                                                                            10**5, 7)
     with pytest.raises(ValueError, match="cannot read size"):
         parse_size("five gigs")
+
+
+def test_safetensors_reader_matches_the_library_and_rejects_truncation(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.randn(5, 7), "b": torch.randn(9).to(torch.bfloat16), "e": torch.zeros(0, 3)}
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    reader = SafetensorsReader(tmp_path / "x.safetensors")
+    assert set(reader.keys()) == set(tensors) and reader.metadata == {"format": "pt"}
+    for name, tensor in tensors.items():
+        assert reader.shape(name) == tuple(tensor.shape) and reader.dtype(name) == tensor.dtype
+        assert torch.equal(reader.get_tensor(name), tensor), name
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    cut = SafetensorsReader(tmp_path / "cut.safetensors")
+    last = max(cut.keys(), key=lambda k: cut.entries[k]["data_offsets"][1])
+    with pytest.raises(ConversionError, match="truncated"):
+        cut.get_tensor(last)
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ConversionError, match="not a readable safetensors file"):
+        SafetensorsReader(tmp_path / "junk.safetensors")

@@ -198,8 +198,13 @@ class Checkpointer:
             info, report = store.find_newest_complete()
             for line in report:
                 logger.warning(line)
+            if info is None and store.tags():
+                # Starting afresh would silently throw the run away (and later overwrite these).
+                raise ValueError(f"none of the checkpoints in {directory} is complete (see the messages above): "
+                                 "repair them, move them away to start from scratch, or point checkpoint.load "
+                                 "elsewhere")
             if info is None:
-                logger.info("no complete checkpoint in %s: starting from scratch", directory)
+                logger.info("no checkpoint in %s: starting from scratch", directory)
                 return None
             latest = store.latest_tag()
             if latest is not None and latest != info.tag:

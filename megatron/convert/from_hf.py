@@ -36,7 +36,7 @@ from tqdm import tqdm
 from megatron.config import Config, ConfigError, load_config, save_config
 from megatron.convert.errors import ConversionError
 from megatron.convert.hf_files import model_shape_from_hf, parse_dtype, read_hf_config
-from megatron.convert.hf_mapping import HF_PREFIX, hf_name_to_layer_key, is_tied_head, layer_key_to_hf_name
+from megatron.convert.hf_mapping import HF_PREFIX, is_tied_head, layer_key_to_hf_name
 from megatron.convert.layer_files import checkpoint_tag, layer_file_name, load_tensor_file, write_latest
 from megatron.convert.layout import EMBEDDING_INDEX, full_shapes, layer_indices, split_full
 from megatron.convert.safetensors_stream import SafetensorsReader
@@ -259,22 +259,24 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: 
     try:
         for index in tqdm(layer_indices(layers), desc="import layers", unit="layer", disable=not progress,
                           dynamic_ncols=True):
-            per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+            layer: dict[str, torch.Tensor] = {}
             for key in full_shapes(cfg.model, padded, index):
                 name = layer_key_to_hf_name(index, key, layers).removeprefix(HF_PREFIX)
                 full = weights.get(name)
-                if index == EMBEDDING_INDEX and key == "word_embeddings.weight" and "lm_head.weight" in weights.locations:
+                tied_head = index == EMBEDDING_INDEX and key == "word_embeddings.weight"
+                if tied_head and "lm_head.weight" in weights.locations:
                     if not torch.equal(weights.get("lm_head.weight"), full):
                         raise ConversionError("lm_head.weight differs from word_embeddings.weight: BLOOM ties them, "
                                               "and our model has no separate head")
-                full = full.to(target)
+                layer[key] = full.to(target)
                 count += full.numel()
-                for rank in range(tp):
-                    per_rank[rank][key] = _own_storage(split_full(key, full, rank, tp))
                 del full
-            for rank, state in enumerate(per_rank):
+            # One rank's shards at a time: memory is the layer plus 1/tp of it.
+            for rank in range(tp):
+                state = {key: _own_storage(split_full(key, full, rank, tp)) for key, full in layer.items()}
                 torch.save(state, ckpt_dir / layer_file_name(index, rank))
-            del per_rank
+                del state
+            del layer
         write_latest(tmp, tag)
         save_config(cfg, tmp / "config.yaml")
         if tokenizer_vocab is not None:

@@ -84,6 +84,22 @@ def resolve_checkpoint_dir(path: str | os.PathLike, step: Optional[int] = None) 
                           "global_step* directory with layer files; point at a checkpoint directory")
 
 
+def checkpoint_step(directory: str | os.PathLike) -> Optional[int]:
+    """N for a directory named ``global_stepN``, else None."""
+    match = _STEP_DIR.match(Path(directory).name)
+    return int(match.group(1)) if match else None
+
+
+def is_layer_files_only(directory: str | os.PathLike) -> bool:
+    """Whether a ``global_stepN`` directory holds layer files but no DeepSpeed engine state
+    (``mp_rank_*_model_states.pt``, optimizer shards): an import or a published BLOOM training
+    checkpoint, to be loaded with ``load_layer_files_into`` and a fresh optimizer."""
+    directory = Path(directory)
+    return _has_layer_files(directory) and not any(
+        p.name.endswith("_model_states.pt") and p.name.startswith("mp_rank_") or p.name.endswith("optim_states.pt")
+        for p in directory.iterdir())
+
+
 def write_latest(root: str | os.PathLike, tag: str) -> None:
     """Write ``root/latest`` naming ``tag``, atomically."""
     _atomic_write_bytes(Path(root) / "latest", tag.encode("utf-8"))
@@ -171,14 +187,21 @@ class MergedLayer:
     drift: dict[str, float]
 
 
-def read_merged_layer(files: LayerFileSet, index: int) -> MergedLayer:
-    """Load every TP rank's file of layer ``index`` and merge them into single-device tensors."""
+def read_layer_shards(files: LayerFileSet, index: int) -> list[dict[str, torch.Tensor]]:
+    """Every TP rank's state dict of layer ``index`` (memory-mapped), checked to hold the same keys."""
     shards = [load_tensor_file(files.path(index, r)) for r in range(files.tp_size)]
     keys = list(shards[0])
     for rank, shard in enumerate(shards[1:], start=1):
         if set(shard) != set(keys):
             raise ConversionError(f"{files.path(index, rank)} holds keys {sorted(shard)} but "
                                   f"{files.path(index, 0).name} holds {sorted(keys)}")
+    return shards
+
+
+def read_merged_layer(files: LayerFileSet, index: int) -> MergedLayer:
+    """Load every TP rank's file of layer ``index`` and merge them into single-device tensors."""
+    shards = read_layer_shards(files, index)
+    keys = list(shards[0])
     where = f" in {files.path(index, 0).name} (and its TP siblings)"
     tensors, drift = {}, {}
     for key in keys:
@@ -281,7 +304,8 @@ def load_layer_files_into(module: nn.Module, checkpoint_dir: str | os.PathLike, 
     weights start from the loaded values. Every tensor of the module must be found with the
     right shape, else ConversionError names it.
 
-    Returns ``{"directory", "source_tp_size", "tensors", "files"}``.
+    Returns ``{"directory", "step", "source_tp_size", "tensors", "files"}`` (``step``: N of
+    the ``global_stepN`` directory read, or None).
     """
     directory = resolve_checkpoint_dir(checkpoint_dir, step)
     files = LayerFileSet.discover(directory)
@@ -316,4 +340,5 @@ def load_layer_files_into(module: nn.Module, checkpoint_dir: str | os.PathLike, 
                     "and the padded vocabulary (model.pad_vocab_size_to) against the checkpoint")
             target.copy_(source_tensor)
             loaded += 1
-    return {"directory": directory, "source_tp_size": files.tp_size, "tensors": loaded, "files": files_read}
+    return {"directory": directory, "step": checkpoint_step(directory), "source_tp_size": files.tp_size,
+            "tensors": loaded, "files": files_read}

@@ -138,25 +138,34 @@ class ShardedSafetensorsWriter:
         """Name of the next tensor to write, or None when all are written."""
         return self._queue[self._position][1].name if self._position < len(self._queue) else None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next planned tensor; its name, shape and dtype must match the plan."""
+    def write(self, name: str, tensor: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Append the next planned tensor; its name, shape and dtype must match the plan.
+
+        ``tensor`` may also be a list of parts whose concatenation along dim 0 is the tensor
+        (e.g. the TP shards of a vocabulary-split embedding): they are written one after the
+        other, and the whole tensor is never built in memory.
+        """
         if self._position >= len(self._queue):
             raise ConversionError(f"{name}: every planned tensor was already written")
         shard_index, plan = self._queue[self._position]
         if name != plan.name:
             raise ConversionError(f"tensors must come in plan order: expected {plan.name}, got {name}")
-        if tuple(tensor.shape) != plan.shape or tensor.dtype != plan.dtype:
-            raise ConversionError(f"{name}: got shape {tuple(tensor.shape)} {tensor.dtype}, planned "
-                                  f"{plan.shape} {plan.dtype}")
+        parts = [tensor] if isinstance(tensor, torch.Tensor) else list(tensor)
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:]) if parts[0].dim() else ()
+        if (tuple(shape) != plan.shape or any(p.dtype != plan.dtype for p in parts)
+                or any(p.shape[1:] != parts[0].shape[1:] for p in parts)):
+            raise ConversionError(f"{name}: got shape {tuple(shape)} {parts[0].dtype} (from {len(parts)} part(s)), "
+                                  f"planned {plan.shape} {plan.dtype}")
         if shard_index != self._open_shard:
             if self._file is not None:
                 self._file.close()
             self._file = open(self.directory / self.file_names[shard_index], "wb")
             self._file.write(_header_bytes(self.shards[shard_index], self.metadata))
             self._open_shard = shard_index
-        data = tensor.detach().to("cpu").contiguous()
-        if data.numel():
-            self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        for part in parts:
+            data = part.detach().to("cpu").contiguous()
+            if data.numel():
+                self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         self._position += 1
 
     def close(self) -> list[str]:

@@ -22,9 +22,9 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -34,8 +34,8 @@ from megatron.convert.errors import ConversionError
 from megatron.convert.hf_files import (BLOOM_TOKENS, DTYPE_NAMES, generation_config_dict, hf_config_dict,
                                        parse_dtype, special_tokens_of, write_json, write_tokenizer_files)
 from megatron.convert.hf_mapping import layer_key_to_hf_name
-from megatron.convert.layer_files import LayerFileSet, load_tensor_file, read_merged_layer, resolve_checkpoint_dir
-from megatron.convert.layout import EMBEDDING_INDEX, full_shapes
+from megatron.convert.layer_files import LayerFileSet, load_tensor_file, read_layer_shards, resolve_checkpoint_dir
+from megatron.convert.layout import EMBEDDING_INDEX, full_shapes, merge_shards, partition_dim
 from megatron.convert.safetensors_stream import ShardedSafetensorsWriter, TensorPlan, parse_size
 
 
@@ -200,22 +200,29 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, st
         with ShardedSafetensorsWriter(tmp, plan, parse_size(max_shard_size)) as writer:
             bar = tqdm(files.indices(), desc="export layers", unit="layer", disable=not progress, dynamic_ncols=True)
             for index in bar:
-                layer = read_merged_layer(files, index)
+                layer = read_layer_shards(files, index)
                 expected = full_shapes(cfg.model, padded, index)
-                if set(layer.tensors) != set(expected):
+                if set(layer[0]) != set(expected):
                     raise ConversionError(
-                        f"layer {index} ({files.path(index, 0).name}) holds {sorted(layer.tensors)} but a BLOOM "
+                        f"layer {index} ({files.path(index, 0).name}) holds {sorted(layer[0])} but a BLOOM "
                         f"layer there holds {sorted(expected)}: check model.embed_layernorm and the checkpoint")
                 for key, shape in expected.items():
                     name = layer_key_to_hf_name(index, key, cfg.model.num_layers)
-                    tensor = layer.tensors[key]
-                    if tuple(tensor.shape) != shape:
+                    where = f" in {files.path(index, 0).name} (and its TP siblings)"
+                    if partition_dim(key) == 0:
+                        # Rows split over TP: the shards, one after the other, are the merged bytes.
+                        parts = [shard[key].to(target) for shard in layer]
+                        merged_shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+                    else:
+                        tensor, drift[name] = merge_shards(key, [shard[key] for shard in layer], where)
+                        parts, merged_shape = [tensor.to(target)], tuple(tensor.shape)
+                    if tuple(merged_shape) != shape:
                         raise ConversionError(
-                            f"{key} in {files.path(index, 0).name} (merged over {files.tp_size} TP rank(s), "
-                            f"exported as {name}) has shape {tuple(tensor.shape)} but the config implies {shape}: "
-                            f"check model.hidden_size and model.ffn_hidden_size in {source}")
-                    writer.write(name, tensor.to(target))
-                drift.update({layer_key_to_hf_name(index, k, cfg.model.num_layers): v for k, v in layer.drift.items()})
+                            f"{key}{where} (merged over {files.tp_size} TP rank(s), exported as {name}) has shape "
+                            f"{tuple(merged_shape)} but the config implies {shape}: check model.hidden_size and "
+                            f"model.ffn_hidden_size in {source}")
+                    writer.write(name, parts)
+                    del parts
                 del layer
             written = writer.close()
         write_json(tmp / "config.json", hf_config_dict(cfg.model, padded, target, tokens))
@@ -227,6 +234,7 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    drift = {name: value for name, value in drift.items() if value > 0}
     if drift:
         warnings.warn(f"TP-duplicated tensors differ across TP ranks (rank 0's copy was exported): "
                       f"{dict(list(drift.items())[:5])}", stacklevel=2)
