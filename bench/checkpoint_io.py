@@ -135,9 +135,11 @@ def measure(bf16: bool, repeats: int) -> dict:
             "save: commit (fsync, manifest, rename, latest)": lambda: store.commit(
                 temporary, tag, {"layout": checkpointer.layout()}),
         }
+        os.sync()  # no write-back of the previous save running underneath this one
         for name, fn in phases.items():
             times.setdefault(name, []).append(timed(fn)[0])
         state["iteration"] = 200 + i
+        os.sync()
         times.setdefault("save: Checkpointer.save, end to end", []).append(
             timed(lambda: checkpointer.save(engine, dict(state), schedule))[0])
     fresh = build(cfg, parallel, info)

@@ -5,7 +5,7 @@
     python bench/convert_hf.py --shapes 560m --tp 4 --dtype bf16
 
 For each model shape (a config under configs/), a model with random weights is written as
-layer files at each TP size of ``--tp`` (in a helper process, which is not measured), then the export
+layer files at each TP size of ``--tp`` (in a separate process, which is not measured), then the export
 and the import each run as their own process, exactly as a user runs them; the wall time and
 that process's peak resident memory (``os.wait4``'s ``ru_maxrss``) are recorded. A process that
 only imports the converter gives the interpreter's own footprint, so "peak minus baseline" is

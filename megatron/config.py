@@ -101,10 +101,13 @@ class TrainingConfig:
     checkpoint_activations: bool = False
     checkpoint_num_layers: int = 1
     seed: int = 42
+    # Save and exit cleanly (megatron/training/lifecycle.py): after this many minutes since the job
+    # started, every N iterations, or when this file exists. SIGTERM/SIGUSR1 do the same.
     exit_duration_in_mins: Optional[float] = None
     exit_interval: Optional[int] = None
     kill_switch_path: Optional[str] = None
-    skip_train_iteration_range: list[str] = field(default_factory=list)  # "start-end", inclusive
+    # Iterations ("START-END", inclusive, counted from 1) whose data is consumed without training.
+    skip_train_iteration_range: list[str] = field(default_factory=list)
     max_consecutive_skipped_steps: int = 10
 
 
@@ -151,10 +154,10 @@ class CheckpointConfig:
     """Where and how often to save, and how many checkpoints to keep."""
 
     save: Optional[str] = None
-    load: Optional[str] = None
+    load: Optional[str] = None  # resumes from the newest complete checkpoint here (megatron/checkpoint)
     save_interval: Optional[int] = None
-    keep_last: Optional[int] = 3
-    keep_every: Optional[int] = None
+    keep_last: Optional[int] = 3  # newest complete checkpoints kept; None keeps all
+    keep_every: Optional[int] = None  # also keep forever those whose iteration is a multiple of this
 
 
 @dataclass

@@ -1,6 +1,6 @@
 # Launch logic shared by every slurm/*.slurm script (sourced, not executed).
 #
-# A per-size script sets a few variables, sources this file and calls `bloom_launch "$@"`:
+# A per-size script sources this file, sets a few variables and calls `bloom_launch "$@"`:
 #
 #   CONFIG            YAML run config (relative to the repository root)
 #   PROCS_PER_NODE    training processes per node (GPUs per node; CPU ranks for cpu-tiny)
@@ -19,7 +19,12 @@
 #
 # Environment knobs: DRY_RUN=1 prints the resolved launch command (after the config check)
 # instead of running it, also outside SLURM; BLOOM_PYTHON picks the interpreter (default
-# .venv/bin/python); BLOOM_LOG_DIR is where per-job log directories go (default logs/).
+# .venv/bin/python); BLOOM_LOG_DIR is where per-job log directories go (default logs/);
+# BLOOM_ROOT tells the per-size scripts where the repository is when sbatch was not called from
+# its root (sbatch runs a copy of the script, so the script's own path does not tell).
+
+# The repository: the parent of this file's directory, wherever the sourcing script found it.
+BLOOM_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # Whole minutes in a SLURM duration: "M", "M:S", "H:M:S", "D-H", "D-H:M", "D-H:M:S" (sbatch
 # --time syntax, and squeue's %L/%l output). Prints nothing for UNLIMITED / NOT_SET / INVALID.
@@ -70,14 +75,14 @@ bloom_launch() {
     : "${CONFIG:?set CONFIG (the YAML run config) before calling bloom_launch}"
     : "${PROCS_PER_NODE:?set PROCS_PER_NODE before calling bloom_launch}"
     local margin="${EXIT_MARGIN_MINS:-10}"
-    local python="${BLOOM_PYTHON:-$ROOT/.venv/bin/python}"
-    cd "$ROOT"
+    local python="${BLOOM_PYTHON:-$BLOOM_REPO/.venv/bin/python}"
+    cd "$BLOOM_REPO"
 
     # Shared environment (offline Hugging Face caches, DeepSpeed's op cache), then what a
     # multi-node GPU run needs: NCCL errors must abort the collective (and with it the job)
     # rather than hang until the time limit; unbuffered Python keeps the job log current.
     # shellcheck source=../scripts/env.sh
-    source "$ROOT/scripts/env.sh"
+    source "$BLOOM_REPO/scripts/env.sh"
     export HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_OFFLINE=1
     export NCCL_ASYNC_ERROR_HANDLING=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1
     export PYTHONUNBUFFERED=1
@@ -116,7 +121,7 @@ bloom_launch() {
     for item in "${sets[@]+"${sets[@]}"}"; do overrides+=(--set "$item"); done
 
     local log_dir="${BLOOM_LOG_DIR:-logs}/${SLURM_JOB_NAME:-$(basename "$script" .slurm)}-$job_id"
-    [[ "$log_dir" == /* ]] || log_dir="$ROOT/$log_dir"  # node.sh runs on other nodes
+    [[ "$log_dir" == /* ]] || log_dir="$BLOOM_REPO/$log_dir"  # node.sh runs on other nodes
     [[ -n "${DRY_RUN:-}" ]] || mkdir -p "$log_dir"
     export BLOOM_JOB_LOG_DIR="$log_dir"
 
@@ -125,7 +130,7 @@ bloom_launch() {
          "${minutes_left:-unlimited} minute(s) left, logs in $log_dir"
 
     # Check the config over the whole world size before starting anything on the nodes.
-    "$python" pretrain_bloom.py --config "$CONFIG" "${overrides[@]}" "$@" --dry-run --world-size "$world_size"
+    "$python" pretrain_bloom.py --config "$CONFIG" ${overrides[@]+"${overrides[@]}"} "$@" --dry-run --world-size "$world_size"
 
     # srun: one task per node, each a torchrun that starts the node's ranks.
     #   --kill-on-bad-exit=1  a rank (torchrun) that fails ends the whole job instead of leaving
@@ -139,12 +144,12 @@ bloom_launch() {
         srun --kill-on-bad-exit=1 --wait=60 --label
              --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1
              --cpus-per-task="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$(nproc)}}"
-        bash "$ROOT/slurm/node.sh"
+        bash "$BLOOM_REPO/slurm/node.sh"
         "$python" -m torch.distributed.run
             --nnodes="$nodes" --nproc-per-node="$PROCS_PER_NODE"
             --rdzv-backend=c10d --rdzv-endpoint="$master_addr:$master_port" --rdzv-id="$job_id"
             --max-restarts=0
-        pretrain_bloom.py --config "$CONFIG" "${overrides[@]}" "$@"
+        pretrain_bloom.py --config "$CONFIG" ${overrides[@]+"${overrides[@]}"} "$@"
     )
     if [[ -n "${DRY_RUN:-}" ]]; then
         echo "[bloom] launch command (DRY_RUN set, not run):"

@@ -10,23 +10,26 @@ import pytest
 import torch
 
 from launch import run_ranks
+from megatron.checkpoint.checkpointing import Checkpointer
 from megatron.checkpoint.layout import checkpoint_tag, flat_name, pipeline_name, split_into_layers
 from megatron.checkpoint.store import (
     CheckpointStore, atomic_write_text, check_torch_file, checkpoints_to_delete, new_temporary_tag, verify_checkpoint)
 from megatron.config import config_from_dict
+from megatron.core.parallel_state import ParallelState
 from megatron.training.logging import read_metrics
 from training_utils import synthetic_corpus, tiny_run
 
 # -- the store, without training ------------------------------------------------------------------
 
 
-def write_checkpoint(store: CheckpointStore, iteration: int, files=("mp_rank_00_model_states.pt", "optim.pt")) -> None:
+def write_checkpoint(store: CheckpointStore, iteration: int, files=("mp_rank_00_model_states.pt", "optim.pt"),
+                     metadata=None) -> None:
     """A committed checkpoint of small torch files, the way Checkpointer.save commits one."""
     temporary = new_temporary_tag(checkpoint_tag(iteration))
     (store.directory / temporary).mkdir(parents=True)
     for i, name in enumerate(files):
         torch.save({"w": torch.full((64,), float(iteration + i))}, store.directory / temporary / name)
-    store.commit(temporary, checkpoint_tag(iteration), {"layout": {"tensor_model_parallel_size": 1}})
+    store.commit(temporary, checkpoint_tag(iteration), metadata or {"layout": {"tensor_model_parallel_size": 1}})
 
 
 def test_commit_writes_manifest_and_latest(tmp_path):
@@ -85,6 +88,31 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     write_checkpoint(store, 5, files=("b.pt",))
     assert sorted(p.name for p in (tmp_path / "global_step5").iterdir()) == ["b.pt", "manifest.json"]
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["global_step5"]
+
+
+def checkpointer_for(tmp_path, **model):
+    body = tiny_run(tmp_path, [], checkpoint={"save": str(tmp_path), "load": str(tmp_path)})
+    body["model"].update(model)
+    return Checkpointer(config_from_dict(body), ParallelState.single())
+
+
+def test_resume_point_needs_a_complete_checkpoint_and_the_same_model(tmp_path):
+    checkpointer = checkpointer_for(tmp_path)
+    assert checkpointer.find_resume_point() is None  # nothing there: start from scratch
+    metadata = {"layout": checkpointer.layout(), "config": checkpointer.cfg.to_dict()}
+    store = CheckpointStore(tmp_path)
+    write_checkpoint(store, 4, metadata=metadata)
+    resume = checkpointer.find_resume_point()
+    assert (resume.tag, resume.iteration, resume.universal) == ("global_step4", 4, False)
+    # the same checkpoint for a run on another layout needs the universal conversion
+    other = Checkpointer(checkpointer.cfg, ParallelState.single())
+    other.layout = lambda: {**checkpointer.layout(), "data_parallel_size": 2}
+    assert other.find_resume_point().universal
+    with pytest.raises(ValueError, match="holds a different model .*model.hidden_size: checkpoint 64, config 128"):
+        checkpointer_for(tmp_path, hidden_size=128).find_resume_point()
+    os.truncate(tmp_path / "global_step4" / "optim.pt", 10)
+    with pytest.raises(ValueError, match=f"none of the checkpoints in {tmp_path} is complete"):
+        checkpointer.find_resume_point()
 
 
 def test_check_torch_file_reads_no_pickle(tmp_path):

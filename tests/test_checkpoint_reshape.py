@@ -5,6 +5,7 @@ losses and final weights stay within 1e-5 (fp32) of a run that never changed lay
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -28,7 +29,7 @@ def worker(rank: int, body: dict, weights_dir: str) -> dict:
     return {"iteration": state.iteration, "consumed": state.consumed_samples}
 
 
-def run(tmp, corpus, name, layout, load=None, **training):
+def run(tmp, corpus, name, layout, load=None, save_interval=100, **training):
     """Train ``name`` at ``layout`` (saving under ``tmp/name``, loading from ``load``)."""
     tp, pp, dp = layout
     directory = tmp / name
@@ -36,7 +37,7 @@ def run(tmp, corpus, name, layout, load=None, **training):
     save = str(directory / "checkpoints")
     body = tiny_run(tmp, corpus, parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
                     training={"train_iters": STEPS, **training},
-                    checkpoint={"save": save, "load": str(load) if load else save, "save_interval": 100},
+                    checkpoint={"save": save, "load": str(load) if load else save, "save_interval": save_interval},
                     logging={"run_dir": str(directory / "run"), "eval_interval": 0})
     results = run_ranks(worker, tp * pp * dp, (body, str(directory / "weights")), timeout=600)
     records = read_metrics(directory / "run" / "metrics.jsonl")
@@ -51,11 +52,11 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
-    """Never changes layout: (1, 1, 1) for all steps."""
+    """Never changes layout: (1, 1, 1) for all steps (saving global_step{STOP} on the way)."""
     tmp = tmp_path_factory.mktemp("reference")
-    result, losses, directory = run(tmp, corpus, "reference", (1, 1, 1))
+    result, losses, directory = run(tmp, corpus, "reference", (1, 1, 1), save_interval=STOP)
     assert result["iteration"] == STEPS
-    return losses, gathered_weights(directory / "weights", 1)
+    return losses, gathered_weights(directory / "weights", 1), directory / "checkpoints"
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +68,21 @@ def saved_222(corpus, tmp_path_factory):
     return tmp, losses, directory / "checkpoints"
 
 
+def assert_continues(losses, weights_dir, layout, reference):
+    """Losses and final weights within TOLERANCE of the run that never changed layout."""
+    ref_losses, ref_weights, _ = reference
+    differences = {s: abs(losses[s] - ref_losses[s]) for s in losses}
+    print(f"max loss difference after resuming at {layout}: {max(differences.values()):.2e}")
+    assert max(differences.values()) <= TOLERANCE, (losses, ref_losses)
+    weights = gathered_weights(weights_dir, layout[0] * layout[1] * layout[2])
+    assert set(weights) == set(ref_weights)
+    for key, tensor in ref_weights.items():
+        assert (weights[key] - tensor).abs().max().item() <= TOLERANCE, key
+
+
 @pytest.mark.parametrize("layout", [(1, 1, 1), (1, 2, 4)], ids=["to-1x1x1", "to-1x2x4"])
 def test_resume_on_another_layout_continues_the_run(layout, corpus, reference, saved_222, capfd):
-    ref_losses, ref_weights = reference
+    ref_losses, ref_weights, _ = reference
     tmp, first_losses, checkpoints = saved_222
     assert max(abs(first_losses[s] - ref_losses[s]) for s in range(1, STOP + 1)) <= TOLERANCE
     capfd.readouterr()
@@ -80,14 +93,19 @@ def test_resume_on_another_layout_continues_the_run(layout, corpus, reference, s
     assert "saved on layout TP2 PP2 DP2" in console
     assert result == {"iteration": STEPS, "consumed": STEPS * 8}
     assert sorted(losses) == list(range(STOP + 1, STEPS + 1))
-    differences = {s: abs(losses[s] - ref_losses[s]) for s in losses}
-    print(f"max loss difference after resuming at {layout}: {max(differences.values()):.2e}")
-    assert max(differences.values()) <= TOLERANCE, (losses, ref_losses)
-    weights = gathered_weights(directory / "weights", layout[0] * layout[1] * layout[2])
-    assert set(weights) == set(ref_weights)
-    for key, tensor in ref_weights.items():
-        assert (weights[key] - tensor).abs().max().item() <= TOLERANCE, key
+    assert_continues(losses, directory / "weights", layout, reference)
     # The conversion is kept next to the checkpoint and reused; new checkpoints use the new layout.
     assert (checkpoints / f"global_step{STOP}_universal" / "universal.json").is_file()
     manifest = json.loads((directory / "checkpoints" / f"global_step{STEPS}" / "manifest.json").read_text())
     assert manifest["layout"]["data_parallel_size"] == layout[2]
+
+
+def test_single_process_checkpoint_resumes_tensor_parallel(corpus, reference, tmp_path):
+    """The other direction: a (1, 1, 1) checkpoint (single-module names) split over TP = 2."""
+    _, _, reference_checkpoints = reference
+    source = tmp_path / "from-1x1x1"
+    shutil.copytree(reference_checkpoints / f"global_step{STOP}", source / f"global_step{STOP}")
+    result, losses, directory = run(tmp_path, corpus, "2x1x1", (2, 1, 1), load=source)
+    assert result == {"iteration": STEPS, "consumed": STEPS * 8}
+    assert sorted(losses) == list(range(STOP + 1, STEPS + 1))
+    assert_continues(losses, directory / "weights", (2, 1, 1), reference)

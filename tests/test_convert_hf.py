@@ -329,6 +329,20 @@ def test_export_names_a_missing_tp_shard(exported, tmp_path):
         export_to_hf(tmp_path / "ckpt", tmp_path / "out", progress=False)
 
 
+def test_export_warns_when_duplicated_tensors_drifted_apart(exported, tmp_path):
+    _, model, root, _ = exported
+    shutil.copytree(root / "ckpt", tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "global_step10" / "layer_03-model_01-model_states.pt"
+    state = torch.load(path, weights_only=True)
+    state["input_layernorm.weight"] = state["input_layernorm.weight"] + 0.5
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="differ across TP ranks"):
+        summary = export_to_hf(tmp_path / "ckpt", tmp_path / "out", progress=False)
+    assert summary.drift == {"transformer.h.0.input_layernorm.weight": pytest.approx(0.5)}
+    exported_weight = safetensors_dict(tmp_path / "out")["transformer.h.0.input_layernorm.weight"]
+    assert torch.equal(exported_weight, model.layers[0].input_layernorm.weight)  # rank 0's copy
+
+
 def test_export_needs_a_config_for_bare_layer_files(exported, tmp_path):
     _, _, root, _ = exported
     shutil.copytree(root / "ckpt" / "global_step10", tmp_path / "global_step10")

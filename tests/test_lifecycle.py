@@ -60,6 +60,32 @@ def test_signal_handler_only_sets_a_flag():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+def _loader_worker(ready) -> None:
+    from megatron.training.data import ignore_stop_signals
+
+    ignore_stop_signals(0)
+    ready.set()
+    time.sleep(60)
+
+
+def test_data_loader_workers_survive_the_signals_meant_for_the_run():
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    process = context.Process(target=_loader_worker, args=(ready,), daemon=True)
+    process.start()
+    try:
+        assert ready.wait(60)
+        os.kill(process.pid, signal.SIGTERM)
+        os.kill(process.pid, signal.SIGUSR1)
+        process.join(0.5)
+        assert process.is_alive()
+    finally:
+        process.kill()
+        process.join()
+
+
 # -- training runs ----------------------------------------------------------------------------------
 
 

@@ -199,6 +199,7 @@ def test_chain_stops_on_usr1_before_the_limit_and_resumes_exactly(cluster, corpu
     # Job 2 started after job 1 ended (%1), resumed from its checkpoint and finished the run.
     assert (second["JobState"], second["ExitCode"]) == ("COMPLETED", "0:0"), second_log[-3000:]
     assert second["StartTime"] >= first["EndTime"]
+    assert f"global_step{stopped_at}" in second_log  # where it resumed from
     tags = sorted(p.name for p in (tmp_path / "checkpoints").glob("global_step*"))
     assert tags == sorted([f"global_step{stopped_at}", f"global_step{STEPS}"])
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"global_step{STEPS}"

@@ -118,13 +118,6 @@ def test_dry_run_checks_the_config_and_prints_the_launch(name):
     assert not (REPO / "logs" / f"{name}-dry-run").exists(), "a dry run must not create log directories"
 
 
-def test_176b_dry_run_prints_the_bloom_layout():
-    result = run(["bash", "slurm/bloom-176b.slurm"], env=clean_env(DRY_RUN="1"))
-    assert result.returncode == 0, result.stderr
-    assert "parameters: 176,247,271,424" in result.stdout
-    assert "TP4 PP12 DP8 over 384 ranks" in result.stdout
-
-
 def test_script_arguments_reach_pretrain_and_are_checked():
     result = run(["bash", "slurm/cpu-tiny.slurm", "--set", "model.num_layers=2"], env=clean_env(DRY_RUN="1"))
     assert result.returncode == 0, result.stderr
@@ -152,6 +145,18 @@ def test_scripts_find_the_repository_from_another_directory(tmp_path):
     result = run(["bash", str(SLURM / "cpu-tiny.slurm")], cwd=tmp_path, env=clean_env(DRY_RUN="1"))
     assert result.returncode == 0, result.stderr
     assert "layout: TP1 PP1 DP2 over 2 ranks" in result.stdout
+
+
+def test_a_job_without_time_limit_gets_no_exit_duration(tmp_path):
+    script = tmp_path / "custom.slurm"
+    script.write_text("#!/usr/bin/env bash\n#SBATCH --nodes=1\nset -euo pipefail\n"
+                      'source "$BLOOM_ROOT/slurm/common.sh"\nCONFIG=configs/tiny.yaml\nPROCS_PER_NODE=1\n'
+                      'bloom_launch "$@"\n')
+    result = run(["bash", str(script)], env=clean_env(DRY_RUN="1", BLOOM_ROOT=str(REPO)))
+    assert result.returncode == 0, result.stderr
+    assert "layout: TP1 PP1 DP1 over 1 ranks" in result.stdout
+    program = launch_command(result.stdout)
+    assert program[program.index("pretrain_bloom.py"):] == ["pretrain_bloom.py", "--config", "configs/tiny.yaml"]
 
 
 @pytest.mark.parametrize("value, minutes", [

@@ -8,7 +8,8 @@
 ``global_stepN`` folder. Any tensor/pipeline-parallel layout and ZeRO stage works: only the
 ``layer_XX-model_YY-model_states.pt`` files are read (as in BLOOM's published training
 checkpoints), one layer at a time, so memory stays near one layer's size. The model's shape
-comes from ``--config`` (our YAML), else from a ``config.yaml`` in or next to the checkpoint.
+comes from ``--config`` (our YAML), else from a ``config.yaml`` in or next to the checkpoint, or
+the config recorded in the checkpoint (``manifest.json``, DeepSpeed's client state).
 
 The output holds ``config.json``, ``generation_config.json``, ``model.safetensors`` (or shards
 of at most ``--max-shard-size`` plus ``model.safetensors.index.json``; the head is tied to the
@@ -47,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer.json to ship (default: the config's data.tokenizer if it exists)")
-    parser.add_argument("--config", default=None, help="the run's YAML config (default: config.yaml found with "
+    parser.add_argument("--config", default=None, help="the run's YAML config (default: the config found with "
                                                        "the checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT once done")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -81,6 +81,7 @@ class LoadedCheckpoint:
     tag: str
     train_state: dict[str, Any]
     rng_state: Optional[dict[str, Any]]  # this rank's streams; None when the layout changed
+    schedule: dict[str, Any]  # the next step's learning rate and batch size, as the saving run had them
 
 
 class Checkpointer:
@@ -176,15 +177,19 @@ class Checkpointer:
         with gathered:
             if self.parallel.dp_rank != 0:
                 return
-            # ZeRO keeps parameters as views into flat buffers; cloning saves only each tensor.
-            state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
-            for index, layer_state in split_into_layers(state, self.cfg.model.num_layers).items():
-                torch.save(layer_state, directory / layer_file_name(index, self.parallel.tp_rank))
+            layers = split_into_layers(module.state_dict(), self.cfg.model.num_layers)
+            for index, layer_state in layers.items():
+                # ZeRO keeps parameters as views into flat buffers, and torch.save writes a view's
+                # whole buffer: copy each tensor (to the CPU, as DeepSpeed's layer files hold).
+                copies = {name: tensor.detach().to("cpu", copy=True) for name, tensor in layer_state.items()}
+                torch.save(copies, directory / layer_file_name(index, self.parallel.tp_rank))
 
     # -- resuming -----------------------------------------------------------------------------
 
     def find_resume_point(self) -> Optional[ResumePoint]:
-        """The newest complete checkpoint under ``checkpoint.load`` (None: start from scratch).
+        """The newest complete checkpoint under ``checkpoint.load`` (None: there is no checkpoint,
+        start from scratch). Raises when checkpoints exist but none is complete, or when the
+        newest holds a different model.
 
         Rank 0 checks the checkpoints and logs what it skipped and what it picked; every rank
         gets the same answer.
@@ -257,7 +262,7 @@ class Checkpointer:
         if self.rank == 0:
             logger.info("loaded %s in %.2f s: iteration %d, %d samples consumed", resume.directory / resume.load_tag,
                         time.perf_counter() - start, train_state["iteration"], train_state["consumed_samples"])
-        return LoadedCheckpoint(resume.tag, train_state, rng_state)
+        return LoadedCheckpoint(resume.tag, train_state, rng_state, dict(client_state.get("schedule", {})))
 
     def restore_rng(self, loaded: LoadedCheckpoint) -> None:
         """Continue every random stream where the saved run was; after a layout change (no saved

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron.checkpoint.layout import flat_name, is_pipeline_name, pipeline_name
+from megatron.checkpoint.store import atomic_write_text
 from megatron.config import Config
 
 UNIVERSAL_MARKER = "universal.json"  # written last: the conversion is complete
@@ -106,6 +107,8 @@ def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_targe
     if output_dir.exists():
         shutil.rmtree(output_dir)
     os.rename(staging, output_dir)
+    # The converter pointed DeepSpeed's ``latest_universal`` at the staging name; name the result.
+    atomic_write_text(output_dir.parent / "latest_universal", output_dir.name)
 
 
 def is_complete(universal_dir: Path) -> bool:

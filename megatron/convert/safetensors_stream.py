@@ -119,6 +119,7 @@ class ShardedSafetensorsWriter:
         self._position = 0
         self._file: Optional[BinaryIO] = None
         self._open_shard = -1
+        self._written: Optional[list[str]] = None
 
     def __enter__(self) -> "ShardedSafetensorsWriter":
         return self
@@ -170,7 +171,9 @@ class ShardedSafetensorsWriter:
 
     def close(self) -> list[str]:
         """Finish: check every planned tensor was written, write the index when sharded; returns
-        the file names."""
+        the file names. Closing again returns the same names."""
+        if self._written is not None:
+            return list(self._written)
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -183,8 +186,10 @@ class ShardedSafetensorsWriter:
                                     for plan in shard}}
             (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
                                                      encoding="utf-8")
-            return self.file_names + [INDEX_FILE]
-        return list(self.file_names)
+            self._written = self.file_names + [INDEX_FILE]
+        else:
+            self._written = list(self.file_names)
+        return list(self._written)
 
 
 _DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}

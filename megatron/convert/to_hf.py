@@ -10,7 +10,9 @@ Everything is written into ``OUTPUT.tmp`` and renamed to ``OUTPUT`` at the end; 
 interrupted export leaves no folder that looks finished.
 
 The model's shape comes from ``config`` (our YAML), else a ``config.yaml`` in the checkpoint
-directory or next to it, else the config DeepSpeed saved in ``mp_rank_00_model_states.pt``.
+directory or next to it, else the ``config`` in the checkpoint's ``manifest.json`` (written by our
+trainer), else the config in DeepSpeed's client state in ``mp_rank_00_model_states.pt`` (when
+that file loads with ``weights_only=True``).
 The shapes of the tensors decide everything they can (layers, hidden size, padded vocabulary)
 and must agree with that config; only the number of attention heads, the LayerNorm epsilon and
 the unpadded vocabulary come from the config alone.
@@ -18,6 +20,7 @@ the unpadded vocabulary come from the config alone.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -58,10 +61,19 @@ class ExportSummary:
 
 
 def _config_from_checkpoint(directory: Path) -> tuple[Optional[Config], str]:
-    """A Config found with the checkpoint: config.yaml here or one level up, or DeepSpeed's client state."""
+    """A Config found with the checkpoint: config.yaml here or one level up, the ``config`` of the
+    checkpoint's manifest.json, or the one in DeepSpeed's client state."""
     for candidate in (directory / "config.yaml", directory.parent / "config.yaml"):
         if candidate.is_file():
             return load_config(candidate), str(candidate)
+    manifest = directory / "manifest.json"
+    if manifest.is_file():
+        try:
+            values = json.loads(manifest.read_text(encoding="utf-8")).get("config")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            values = None
+        if isinstance(values, dict):
+            return config_from_dict(values, str(manifest)), f"{manifest} ('config')"
     client = directory / "mp_rank_00_model_states.pt"
     if client.is_file():
         try:
@@ -81,7 +93,7 @@ def resolve_config(config: Optional[str | os.PathLike], directory: Path) -> tupl
     found, source = _config_from_checkpoint(directory)
     if found is None:
         raise ConversionError(f"no config found for {directory} (looked for config.yaml there and one level up, "
-                              "and in mp_rank_00_model_states.pt): pass --config with the run's YAML (e.g. "
+                              "manifest.json and mp_rank_00_model_states.pt): pass --config with the run's YAML (e.g. "
                               "configs/bloom-560m.yaml); the number of attention heads cannot be read from weights")
     return found, source
 
@@ -193,6 +205,7 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, st
         warnings.warn("no tokenizer given and the config's data.tokenizer does not exist: writing no tokenizer "
                       "files and BLOOM's special token ids (bos 1, eos 2, pad 3)", stacklevel=2)
 
+    config_json = hf_config_dict(cfg.model, padded, target, tokens)  # fails early for unexportable shapes
     plan = _plan(cfg, padded, target, files.indices())
     tmp = _prepare_output(output, overwrite)
     drift: dict[str, float] = {}
@@ -225,7 +238,7 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, st
                     del parts
                 del layer
             written = writer.close()
-        write_json(tmp / "config.json", hf_config_dict(cfg.model, padded, target, tokens))
+        write_json(tmp / "config.json", config_json)
         write_json(tmp / "generation_config.json", generation_config_dict(tokens))
         written += ["config.json", "generation_config.json"]
         if tokenizer_path is not None:

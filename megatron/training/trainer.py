@@ -106,7 +106,19 @@ class Trainer:
         self.schedule = LearningRateSchedule.from_config(cfg.optimizer, self.train_samples, cfg.model.seq_length)
         self._batches: Iterator[dict[str, torch.Tensor]] = iter(data.train_loader(self.state.consumed_samples))
         if resumed is not None:
+            self._check_schedule(resumed.schedule)
             self.checkpointer.restore_rng(resumed)
+
+    def _check_schedule(self, saved: dict[str, Any]) -> None:
+        """Warn when the resumed run's next learning rate or batch size is not the saved run's
+        (the schedule or ramp-up settings changed since the save; sometimes on purpose)."""
+        s = self.state
+        now = {"next_learning_rate": self.schedule(s.consumed_samples, s.consumed_tokens),
+               "next_global_batch_size": self.rampup(s.consumed_samples)}
+        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+        if changed and self.info.rank == 0:
+            tqdm.write(f"warning: resuming at iteration {s.iteration} with {changed} (checkpoint, now): the "
+                       "optimizer or training settings differ from the saved run's")
 
     # -- one step -------------------------------------------------------------------------------
 
