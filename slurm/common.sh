@@ -4,8 +4,9 @@
 #
 #   CONFIG            YAML run config (relative to the repository root)
 #   PROCS_PER_NODE    training processes per node (GPUs per node; CPU ranks for cpu-tiny)
-#   EXIT_MARGIN_MINS  stop this many minutes before the job's time limit (default 10, as BLOOM-176B:
-#                     5990 of 6000 minutes) via training.exit_duration_in_mins
+#   EXIT_MARGIN_MINS  stop this many minutes before the job's time limit, via
+#                     training.exit_duration_in_mins (default 10: BLOOM-176B stopped at 5990 of
+#                     6000 minutes; bloom-176b.slurm uses 15, see there)
 #   SETS              optional array of extra `section.field=value` overrides for this size
 #
 # Arguments given to sbatch after the script name reach pretrain_bloom.py unchanged, so any run

@@ -4,6 +4,8 @@
   ``save_layer_files`` and with DeepSpeed's own ``engine.save_checkpoint`` (which writes them for
   pipelines); both are identical, and their export to transformers gives the logits of the
   trained weights (gathered independently from every rank's parameters).
+* Train at TP=2 with ZeRO-2 and no pipeline, saving through the trainer's own checkpointing:
+  the export (model shape from the checkpoint's manifest) gives the trained weights' logits.
 * Import a transformers BLOOM at TP=2 and at TP=1; on 4 ranks fill the (2, 2) ``PipelineModule``
   and a TP=2 single-stage model (re-split from the TP=1 files) with ``load_layer_files_into``:
   one forward gives transformers' loss on the same batch.
