@@ -56,6 +56,14 @@ def dry_run(cfg: Config, world_size: int) -> None:
     print(format_memory_table(estimate_memory(cfg, world_size)))
 
 
+def _record(fn):
+    """torchrun's error recording: a failing rank's traceback lands in $TORCHELASTIC_ERROR_FILE."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(fn)
+
+
+@_record
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = parse_args(argv)
