@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -28,8 +29,11 @@ import torch
 from tqdm import tqdm
 
 from megatron.checkpoint.checkpointing import Checkpointer, LoadedCheckpoint
+from megatron.checkpoint.store import CheckpointStore
 from megatron.config import Config, save_config
 from megatron.core.distributed import DistributedInfo, init_distributed, shutdown_distributed
+from megatron.convert.errors import ConversionError
+from megatron.convert.layer_files import is_layer_files_only, load_layer_files_into, resolve_checkpoint_dir
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import (
     MODEL_PARALLEL_RNG, RNGStatesTracker, check_tp_duplicates_in_sync, model_parallel_seed)
@@ -227,7 +231,7 @@ class Trainer:
             return s
         log_every, eval_every = cfg.logging.log_interval, cfg.logging.eval_interval
         save_every = cfg.checkpoint.save_interval
-        progress = tqdm(total=total, initial=s.iteration, desc="train", unit="it", disable=self.info.rank != 0,
+        progress = tqdm(total=total, initial=s.iteration, desc="train", unit="it", disable=self.info.rank != 0 or not sys.stderr.isatty(),
                         dynamic_ncols=True)
         window_time, window_samples, window = 0.0, 0, []
         self.engine.train()
@@ -350,6 +354,22 @@ def configure_logging(rank: int) -> None:
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+def initial_weights(cfg: Config) -> Optional[Path]:
+    """The module-only checkpoint (layer files without engine state) that ``checkpoint.load``
+    holds, when it holds no complete checkpoint of ours to resume from; else None."""
+    directory = cfg.checkpoint.load
+    if not directory or not Path(directory).is_dir():
+        return None
+    complete, _ = CheckpointStore(directory).find_newest_complete()
+    if complete is not None:
+        return None
+    try:
+        candidate = resolve_checkpoint_dir(directory)
+    except ConversionError:
+        return None
+    return candidate if is_layer_files_only(candidate) else None
+
+
 def pretrain(cfg: Config, on_finish: Optional[Callable[[Any, ParallelState], None]] = None) -> TrainState:
     """Build the run from its config and train it; ``on_finish(engine, parallel)`` runs on every
     rank after training, before the process group is torn down (tests use it to gather weights).
@@ -379,7 +399,13 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
     model = build_network(cfg, parallel, info.device)
     rampup = BatchSizeRampup.from_config(cfg.training)
     checkpointer = Checkpointer(cfg, parallel, tracker)
-    resume = checkpointer.find_resume_point()
+    weights_only = initial_weights(cfg)
+    if weights_only is not None:
+        # An HF import or a published BLOOM checkpoint: weights (resharded to this TP size) and a
+        # fresh optimizer, from iteration 0. Loaded before DeepSpeed copies the master weights.
+        load_layer_files_into(model, weights_only, parallel, cfg.model.num_layers)
+        logging.getLogger(__name__).info("initialised the weights from %s (fresh optimizer)", weights_only)
+    resume = None if weights_only is not None else checkpointer.find_resume_point()
     if resume is not None:
         checkpointer.prepare(resume)
     # With a pipeline DeepSpeed builds its grid from the PipelineModule's topology and refuses an mpu.
