@@ -15,6 +15,14 @@ CONFIGS = REPO / "configs"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three small synthetic languages as .bin/.idx pairs, built once per test module."""
+    from training_utils import synthetic_corpus
+
+    return synthetic_corpus(tmp_path_factory.mktemp("corpus"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

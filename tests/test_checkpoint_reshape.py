@@ -12,8 +12,7 @@ import pytest
 from launch import run_ranks
 from megatron.config import config_from_dict
 from megatron.training.logging import read_metrics
-from test_parallel_layouts import gathered_weights, save_local_weights
-from training_utils import synthetic_corpus, tiny_run
+from training_utils import gathered_weights, save_local_weights, tiny_run
 
 pytestmark = pytest.mark.distributed
 
@@ -43,11 +42,6 @@ def run(tmp, corpus, name, layout, load=None, save_interval=100, **training):
     records = read_metrics(directory / "run" / "metrics.jsonl")
     losses = {r["step"]: r["lm loss"] for r in records if r["kind"] == "train"}
     return results[0], losses, directory
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return synthetic_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

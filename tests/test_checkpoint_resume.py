@@ -13,8 +13,7 @@ import torch
 from launch import run_ranks
 from megatron.config import config_from_dict
 from megatron.training.logging import read_metrics
-from test_parallel_layouts import gathered_weights, save_local_weights
-from training_utils import synthetic_corpus, tiny_run
+from training_utils import gathered_weights, save_local_weights, tiny_run
 
 pytestmark = pytest.mark.distributed
 
@@ -46,11 +45,6 @@ def run_body(tmp, corpus, layout, steps, name, **training):
 
 def train_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["lm loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return synthetic_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))

@@ -12,8 +12,7 @@ from megatron.config import config_from_dict
 from megatron.convert.from_hf import import_from_hf
 from megatron.data.blended_dataset import build_blended_datasets
 from megatron.model.bloom import language_model_loss
-from megatron.training.logging import read_metrics
-from training_utils import VOCAB, synthetic_corpus, tiny_run
+from training_utils import VOCAB, synthetic_corpus, tiny_run, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -50,6 +49,6 @@ def test_imported_hf_model_trains_from_the_same_loss(tmp_path):
     text = first_global_batch(body)
     with torch.no_grad():
         expected = language_model_loss(hf(text[:, :-1]).logits, text[:, 1:], fused=False).item()
-    losses = [r["lm loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    losses = train_losses(tmp_path / "run")
     assert len(losses) == 2
     assert abs(losses[0] - expected) <= 1e-5, (losses[0], expected)

@@ -11,8 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from megatron.training.logging import read_metrics
-from training_utils import synthetic_corpus, tiny_run
+from training_utils import synthetic_corpus, tiny_run, train_losses
 
 pytestmark = pytest.mark.distributed
 BIN = Path(sys.executable).parent
@@ -28,17 +27,13 @@ def run_config(tmp_path_factory):
     return path
 
 
-def losses_of(run_dir: Path) -> list[float]:
-    return [r["lm loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
-
-
 def launch(launcher: list[str], config: Path, run_dir: Path) -> list[float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [str(BIN / launcher[0]), *launcher[1:], "pretrain_bloom.py", "--config", str(config),
                "--set", f"logging.run_dir={run_dir}"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return losses_of(run_dir)
+    return train_losses(run_dir)
 
 
 def test_torchrun_and_deepspeed_launchers_give_the_same_run(run_config, tmp_path):

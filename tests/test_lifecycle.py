@@ -16,7 +16,7 @@ from megatron.checkpoint.store import verify_checkpoint
 from megatron.config import TrainingConfig, config_from_dict
 from megatron.training.lifecycle import RunLifecycle
 from megatron.training.logging import read_metrics
-from training_utils import synthetic_corpus, tiny_run
+from training_utils import tiny_run
 
 GRACE_SECONDS = 60  # what a scheduler would allow between SIGTERM and SIGKILL (SLURM's KillWait)
 
@@ -130,11 +130,6 @@ def wait_for_steps(run_dir: Path, steps: int, thread: threading.Thread, timeout:
         assert thread.is_alive(), "the run ended before it was interrupted"
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return synthetic_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def long_run(tmp: Path, corpus, **training) -> dict:

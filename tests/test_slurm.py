@@ -32,7 +32,6 @@ import pytest
 
 from conftest import REPO
 from megatron.training.logging import read_metrics
-from training_utils import synthetic_corpus
 
 pytestmark = pytest.mark.slurm
 
@@ -111,11 +110,6 @@ def seconds(duration: str) -> int:
 
 
 # -- the run -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return synthetic_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def overrides(root: Path, corpus) -> list[str]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from launch import run_ranks
 from megatron.config import config_from_dict
 from megatron.training.logging import read_metrics
-from training_utils import synthetic_corpus, tiny_run
+from training_utils import tiny_run, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -22,21 +21,12 @@ def train_worker(rank: int, body: dict) -> dict:
     return {"iteration": state.iteration, "consumed": state.consumed_samples, "skipped": state.skipped_iterations}
 
 
-def losses(run_dir) -> list[float]:
-    return [r["lm loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return synthetic_corpus(tmp_path_factory.mktemp("corpus"))
-
-
 @pytest.fixture(scope="module")
 def single_rank_losses(corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dp1")
     (result,) = run_ranks(train_worker, 1, (tiny_run(tmp, corpus),))
     assert result == {"iteration": 10, "consumed": 80, "skipped": 0}
-    return losses(tmp / "run"), read_metrics(tmp / "run" / "metrics.jsonl")
+    return train_losses(tmp / "run"), read_metrics(tmp / "run" / "metrics.jsonl")
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
@@ -44,7 +34,7 @@ def test_two_data_parallel_ranks_match_one(zero_stage, corpus, single_rank_losse
     reference, _ = single_rank_losses
     body = tiny_run(tmp_path, corpus, parallel={"zero_stage": zero_stage})
     run_ranks(train_worker, 2, (body,))
-    got = losses(tmp_path / "run")
+    got = train_losses(tmp_path / "run")
     assert len(got) == len(reference) == 10
     assert max(abs(a - b) for a, b in zip(got, reference)) <= 1e-5, (got, reference)
 
@@ -52,7 +42,7 @@ def test_two_data_parallel_ranks_match_one(zero_stage, corpus, single_rank_losse
 def test_single_rank_run_is_bitwise_deterministic(corpus, single_rank_losses, tmp_path):
     reference, _ = single_rank_losses
     run_ranks(train_worker, 1, (tiny_run(tmp_path, corpus),))
-    assert losses(tmp_path / "run") == reference
+    assert train_losses(tmp_path / "run") == reference
 
 
 def test_metrics_have_the_logged_fields(single_rank_losses):

@@ -6,8 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder
+from megatron.model.pipeline import pipeline_to_model_name
+from megatron.training.logging import read_metrics
 
 VOCAB = 256
 
@@ -52,3 +55,45 @@ def tiny_run(tmp: Path, datasets: list[dict[str, Any]], **overrides: dict[str, A
     for section, values in overrides.items():
         body[section].update(values)
     return body
+
+
+def save_local_weights(path, num_layers: int):
+    """An ``on_finish`` hook: write this rank's parameters with their TP/PP coordinates."""
+
+    def hook(engine, parallel):
+        pipelined = parallel.pp_size > 1
+        weights = {}
+        for name, param in engine.module.named_parameters():
+            if pipelined and name.startswith("tied_modules.") and not parallel.is_pipeline_first_stage():
+                continue  # the head's copy of the embedding module: its LayerNorm is unused there
+            full_name = pipeline_to_model_name(name, num_layers) if pipelined else name
+            weights[full_name] = (param.detach().float().clone(), getattr(param, "tensor_model_parallel", False),
+                                  getattr(param, "partition_dim", -1))
+        torch.save({"tp_rank": parallel.tp_rank, "dp_rank": parallel.dp_rank, "weights": weights},
+                   f"{path}/rank{torch.distributed.get_rank()}.pt")
+
+    return hook
+
+
+def gathered_weights(out_dir, world_size: int) -> dict[str, torch.Tensor]:
+    """Merge every rank's shards into single-device tensors (TP: concatenate on partition_dim)."""
+    shards: dict[str, dict[int, tuple]] = {}
+    for r in range(world_size):
+        saved = torch.load(f"{out_dir}/rank{r}.pt", weights_only=False)
+        if saved["dp_rank"] != 0:
+            continue
+        for name, entry in saved["weights"].items():
+            shards.setdefault(name, {})[saved["tp_rank"]] = entry
+    merged = {}
+    for name, by_tp in shards.items():
+        tensor, parallel, dim = by_tp[0]
+        merged[name] = torch.cat([by_tp[t][0] for t in sorted(by_tp)], dim=dim) if parallel else tensor
+        if not parallel:
+            for t in by_tp:
+                assert torch.equal(by_tp[t][0], tensor), f"{name} differs across TP ranks"
+    return merged
+
+
+def train_losses(run_dir) -> list[float]:
+    """The ``lm loss`` of every logged training step of a run, in step order."""
+    return [r["lm loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"]
