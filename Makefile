@@ -1,5 +1,5 @@
 # Convenience targets; each calls the same scripts the README and CI use.
-.PHONY: setup test test-slow test-slurm demo
+.PHONY: setup test test-slow test-slurm demo lock
 
 setup:
 	bash scripts/setup.sh
@@ -16,3 +16,7 @@ test-slurm:
 
 demo:
 	bash scripts/demo.sh
+
+# Rewrites requirements/constraints.txt from .venv after an upgrade (bash scripts/lock.sh --help).
+lock:
+	bash scripts/lock.sh

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from megatron.config import Config, ConfigError, load_config
 
@@ -67,6 +68,8 @@ def _record(fn):
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = parse_args(argv)
+    # A warning is a message for the user: print it, not the source line that raised it.
+    warnings.formatwarning = lambda message, category, *_args, **_kwargs: f"warning: {message}\n"
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:

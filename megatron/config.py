@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +24,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from megatron.utils.atomic import atomic_write_text
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class ConfigError(ValueError):
@@ -96,7 +100,9 @@ class TrainingConfig:
     rampup_batch_size: Optional[list[int]] = None
     train_samples: Optional[int] = None
     train_iters: Optional[int] = None
-    bf16: bool = False
+    # true, false, or "auto": bf16 where the device computes it natively, else fp32
+    # (megatron/training/precision.py resolves it at start-up and says why).
+    bf16: bool | str = False
     fp16: bool = False
     checkpoint_activations: bool = False
     checkpoint_num_layers: int = 1
@@ -167,6 +173,11 @@ class LoggingConfig:
     log_interval: int = 1
     eval_interval: int = 1000
     eval_iters: int = 1  # micro-batches per data-parallel rank, per validation set
+    # Languages evaluated at each evaluation besides the blend, taken in turn so that every
+    # language comes round; None: all of them every time. The last evaluation of a run always
+    # covers every language. With 59 languages and a small model, per-language validation can
+    # cost more than the training between evaluations.
+    eval_languages_per_interval: Optional[int] = None
     run_dir: Optional[str] = None  # metrics.jsonl and the resolved config.yaml go here
     tensorboard_dir: Optional[str] = None
     # Prompts whose greedy continuation is printed at the end of training (demo runs).
@@ -174,6 +185,12 @@ class LoggingConfig:
     sample_tokens: int = 24
     # Peak dense bf16 FLOP/s of one device, for MFU (A100: 312e12).
     peak_flops_per_device: Optional[float] = None
+    # Our own console messages (checkpoints, data, precision) on rank 0: info or debug
+    # (debug adds the per-language table of the blend).
+    log_level: str = "info"
+    # DeepSpeed's logger. Its info level prints memory reports and group set-up on every
+    # engine build; set info or debug to see them.
+    deepspeed_log_level: str = "warning"
 
 
 @dataclass
@@ -270,7 +287,9 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
         f"(pipeline_model_parallel_size={pp}): use zero_stage: 1, as BLOOM did",
     )
 
-    _require(not (t.bf16 and t.fp16), "training.bf16 and training.fp16 are both true: choose one")
+    _require(t.bf16 in (True, False, "auto"),
+             f"training.bf16 must be true, false or auto (bf16 where the device computes it natively), got {t.bf16!r}")
+    _require(not (t.bf16 and t.fp16), "training.bf16 and training.fp16 are both set: choose one")
     _require(t.micro_batch_size >= 1, f"training.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     _require(
         t.global_batch_size % t.micro_batch_size == 0,
@@ -297,6 +316,12 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     )
     for name in ("adam_beta1", "adam_beta2"):
         _require(0.0 <= getattr(o, name) < 1.0, f"optimizer.{name} must be in [0, 1), got {getattr(o, name)}")
+
+    n = cfg.logging.eval_languages_per_interval
+    _require(n is None or n >= 0, f"logging.eval_languages_per_interval must be >= 0 or null, got {n}")
+    for name in ("log_level", "deepspeed_log_level"):
+        level = getattr(cfg.logging, name)
+        _require(level in LOG_LEVELS, f"logging.{name} must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
 
     _validate_data(cfg.data)
     if world_size is not None:
@@ -397,7 +422,12 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_type(value, inner[0], where)
+        for hint_i in inner[:-1]:  # e.g. bool | str: the first type that takes the value wins
+            try:
+                return _check_type(value, hint_i, where)
+            except ConfigError:
+                pass
+        return _check_type(value, inner[-1], where)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of {hint.__name__} fields, got {type(value).__name__}")
@@ -507,14 +537,8 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the config as YAML atomically (temporary file, then rename)."""
+    """Write the config as YAML atomically (temporary file, then rename), readable as the umask
+    allows: colleagues and ``scripts/run_status.py`` read a run's config.yaml."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(config_to_yaml(cfg))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, config_to_yaml(cfg))

@@ -10,6 +10,8 @@ Reads what the run writes and nothing else, so it is safe to call while jobs are
   directory, the kill-switch path and the length of the run);
 * ``{run_dir}/metrics.jsonl``: the last logged training step (loss, learning rate, batch size,
   tokens seen = ``consumed-tokens``) and the last validation;
+* ``{run_dir}/environment.json``: what the run ran on (commit, package versions, device,
+  precision and why, layout), written at start-up;
 * the checkpoint directory: the tag ``latest`` names and whether that checkpoint is complete
   (its manifest lists every file with its size and the files match), and the newest complete one.
 
@@ -114,6 +116,17 @@ def metrics_status(path: Path) -> dict[str, Any]:
     return status
 
 
+def environment_status(run_dir: Path) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """The run's environment.json, or None (not written yet, or by a version before it existed)
+    and, when the file is there but unreadable, the reason."""
+    from megatron.training.environment import read_environment
+
+    try:
+        return read_environment(run_dir), None
+    except ValueError as exc:
+        return None, str(exc)
+
+
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the report shows, as plain data."""
     run_dir: Path = args.run_dir
@@ -127,6 +140,9 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     if checkpoints is not None:
         status["checkpoints"] = checkpoint_status(checkpoints)
     status["metrics"] = metrics_status(run_dir / "metrics.jsonl")
+    status["environment"], environment_problem = environment_status(run_dir)
+    if environment_problem:
+        status["environment_problem"] = environment_problem
     if cfg is not None:
         status["total_steps"] = total_iterations(cfg)
         if cfg.training.kill_switch_path:
@@ -148,6 +164,26 @@ def _age(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min ago"
     return f"{seconds / 3600:.1f} h ago"
+
+
+def _environment_lines(env: dict[str, Any]) -> list[str]:
+    """The environment.json block: enough to tell two runs' code, software and hardware apart."""
+    git, packages = env.get("git") or {}, env.get("packages") or {}
+    device, cpu = env.get("device") or {}, env.get("cpu") or {}
+    precision, layout = env.get("precision") or {}, env.get("layout") or {}
+    dirty = {True: " (dirty)", False: " (clean)"}.get(git.get("dirty"), "")
+    commit = f"{git['commit'][:12]}{dirty}" if git.get("commit") else "unknown (not a git checkout, or no git)"
+    cuda = f" (CUDA {packages['cuda']})" if packages.get("cuda") else ""
+    native = [name for key, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_tile", "AMX")) if cpu.get(key)]
+    bf16 = f"native bf16 ({', '.join(native)})" if native else "no native bf16"
+    return [f"environment      written {env.get('written_at')} on {env.get('hostname')}",
+            f"  commit         {commit}",
+            f"  packages       torch {packages.get('torch')}{cuda}, deepspeed {packages.get('deepspeed')}",
+            f"  device         {device.get('type')} ({device.get('name')})",
+            f"  cpu            capability {cpu.get('capability')}, {bf16}",
+            f"  precision      {precision.get('name')}: {precision.get('reason')}",
+            f"  layout         {env.get('world_size')} ranks: TP{layout.get('tp')} PP{layout.get('pp')} "
+            f"DP{layout.get('dp')} ZeRO-{layout.get('zero_stage')}"]
 
 
 def render(status: dict[str, Any]) -> str:
@@ -190,6 +226,12 @@ def render(status: dict[str, Any]) -> str:
         if valid:
             lines.append(f"  validation     loss {_number(valid['validation loss'], '.4f')}, "
                          f"ppl {_number(valid['validation ppl'], '.2f')} at step {valid['step']:,}")
+    if status.get("environment"):
+        lines.extend(_environment_lines(status["environment"]))
+    elif "environment_problem" in status:
+        lines.append(f"environment      {status['environment_problem']}")
+    else:
+        lines.append("environment      none yet (environment.json is written when training starts)")
     if "kill_switch" in status:
         ks = status["kill_switch"]
         state = "SET: the run stops at its next step" if ks["set"] else "not set"

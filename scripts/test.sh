@@ -2,6 +2,23 @@
 # Set up the environment (idempotent) and run the fast test suite.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k config`.
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    cat <<'EOF'
+usage: bash scripts/test.sh [PYTEST_ARGS...]
+
+Sets up the venv (bash scripts/setup.sh: installs only what is missing or not at the locked
+version), then runs the fast tests: pytest -m "not slow". Every argument goes to pytest, e.g.
+  bash scripts/test.sh -k config -x
+  bash scripts/test.sh tests/test_config.py
+Only -h or --help as the first argument prints this text instead; for pytest's own help run
+  bash scripts/test.sh -q --help
+Slow and SLURM tests: make test-slow, make test-slurm.
+
+environment: PYTHON, TORCH_SPEC, TORCH_INDEX_URL reach scripts/setup.sh (see its --help);
+the tests run with .venv/bin/python, whatever BLOOM_VENV says.
+EOF
+    exit 0
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh

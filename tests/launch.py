@@ -1,6 +1,8 @@
-"""Run a test function on several CPU ranks (gloo), each in its own spawned process.
+"""Run a test function on several CPU ranks (gloo), each in its own spawned process, or a
+command (torchrun, a tool) in its own process group.
 
     results = run_ranks(worker, world_size=2, args=(config_dict,))
+    result = run_command([python, "-m", "torch.distributed.run", ...], timeout=300)
 
 ``worker(rank, *args)`` runs with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* set as torchrun
 would set them; whatever it returns on each rank comes back in rank order. A failure on any
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import os
 import queue as queue_module
+import signal
 import socket
+import subprocess
 import time
 import traceback
 from typing import Any, Callable
@@ -67,3 +71,26 @@ def run_ranks(fn: Callable, world_size: int, args: tuple = (), timeout: float = 
         raise AssertionError("\n".join(errors))
     context.join(timeout)
     return [results[r] for r in range(world_size)]
+
+
+def run_command(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True)`` in a new session; on a timeout
+    (or any interruption) the whole process group is killed, not only its leader. A timed-out
+    ``torchrun`` would otherwise leave its training workers running, slowing every later test."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException:
+        kill_group(process)
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the process group that ``process`` leads, and reap the leader."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.communicate()

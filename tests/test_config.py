@@ -104,7 +104,7 @@ def test_unknown_section_suggests(tmp_path):
 @pytest.mark.parametrize("section, key, value, expected", [
     ("model", "num_layers", "four", r"model.num_layers must be int, got str 'four'"),
     ("model", "num_layers", 2.5, r"model.num_layers must be int, got float 2.5"),
-    ("training", "bf16", "yes please", r"training.bf16 must be bool, got str"),
+    ("training", "bf16", "yes please", r"training.bf16 must be true, false or auto"),
     ("optimizer", "lr", [1], r"optimizer.lr must be float, got list"),
     ("training", "rampup_batch_size", 5, r"training.rampup_batch_size must be a list, got int 5"),
 ])
@@ -123,7 +123,7 @@ def test_the_error_names_the_file(tmp_path):
     ({"parallel": {"tensor_model_parallel_size": 8}}, r"num_attention_heads \(4\) must be divisible by parallel.tensor_model_parallel_size \(8\)"),
     ({"parallel": {"pipeline_model_parallel_size": 2, "zero_stage": 2}}, r"zero_stage=2 does not work with pipeline parallelism"),
     ({"parallel": {"pipeline_model_parallel_size": 4}}, r"num_layers \(2\) cannot be split over 4 pipeline stages"),
-    ({"training": {"bf16": True, "fp16": True}}, r"bf16 and training.fp16 are both true"),
+    ({"training": {"bf16": True, "fp16": True}}, r"bf16 and training.fp16 are both set"),
     ({"training": {"global_batch_size": 7}}, r"global_batch_size \(7\) must be a multiple of training.micro_batch_size \(2\)"),
     ({"training": {"rampup_batch_size": [4, 3, 100]}}, r"minus start \(4\) must be a non-negative multiple of the increment \(3\)"),
     ({"training": {"skip_train_iteration_range": ["10:20"]}}, r"skip_train_iteration_range entry '10:20' must look like 'START-END'"),

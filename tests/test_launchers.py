@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from launch import run_command
 from training_utils import synthetic_corpus, tiny_run, train_losses
 
 pytestmark = pytest.mark.distributed
@@ -31,7 +31,7 @@ def launch(launcher: list[str], config: Path, run_dir: Path) -> list[float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [str(BIN / launcher[0]), *launcher[1:], "pretrain_bloom.py", "--config", str(config),
                "--set", f"logging.run_dir={run_dir}"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_command(command, timeout=300, cwd=REPO, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return train_losses(run_dir)
 

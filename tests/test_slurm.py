@@ -31,12 +31,14 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from launch import run_command
 from megatron.training.logging import read_metrics
 
 pytestmark = pytest.mark.slurm
 
-# ~1 s each on two cores: after the time limit is cut at step 3 the signal needs up to ~30 s
-# (slurmctld's time-limit pass runs every 30 s), so the first job is still training when it lands.
+# ~1.2 s each on two AVX2 cores in fp32 (two ranks of 4 x 256 tokens): after the time limit is
+# cut at step 3 the signal needs up to ~30 s (slurmctld's time-limit pass runs every 30 s), so
+# the first job is still training when it lands.
 STEPS = 60
 SIGNAL_LEAD_S = 120  # --signal=USR1@120 for the chain (the script's own header says @60)
 START_TIMEOUT_S = 240
@@ -117,7 +119,8 @@ def overrides(root: Path, corpus) -> list[str]:
     datasets = ", ".join(f"{{name: {d['name']}, prefix: {d['prefix']}}}" for d in corpus)
     sets = [
         f"data.datasets=[{datasets}]", "data.tokenizer=null", "training.train_samples=null",
-        f"training.train_iters={STEPS}", "logging.log_interval=1", "logging.eval_interval=0",
+        # fp32 whatever the CPU: the test compares losses bit for bit, an fp32 invariant.
+        f"training.train_iters={STEPS}", "training.bf16=false", "logging.log_interval=1", "logging.eval_interval=0",
         "logging.sample_prompts=[]", f"logging.run_dir={root / 'run'}", "logging.tensorboard_dir=null",
         f"checkpoint.save={root / 'checkpoints'}", f"checkpoint.load={root / 'checkpoints'}",
         "checkpoint.save_interval=null", f"training.kill_switch_path={root / 'kill-switch'}",
@@ -135,7 +138,7 @@ def reference(cluster, corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node=2", "pretrain_bloom.py", "--config", "configs/tiny.yaml", *overrides(root, corpus)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=cluster)
+    result = run_command(cmd, timeout=600, cwd=REPO, env=cluster)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     losses = train_losses(root / "run")
     assert sorted(losses) == list(range(1, STEPS + 1))

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from launch import run_command
 
 SLURM = REPO / "slurm"
 SHELL_SCRIPTS = sorted(SLURM.glob("*.slurm")) + sorted(SLURM.glob("*.sh")) + [
@@ -46,7 +47,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     kwargs.setdefault("env", clean_env())
-    return subprocess.run(args, cwd=kwargs.pop("cwd", REPO), capture_output=True, text=True, timeout=300, **kwargs)
+    return run_command(args, timeout=300, cwd=kwargs.pop("cwd", REPO), **kwargs)
 
 
 def header(script: Path, name: str) -> list[str]:

@@ -45,7 +45,9 @@ def tiny_run(tmp: Path, datasets: list[dict[str, Any]], **overrides: dict[str, A
         "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
                   "vocab_size": VOCAB, "init_method_std": 0.02},
         "parallel": {"zero_stage": 1},
-        "training": {"micro_batch_size": 2, "global_batch_size": 8, "train_iters": 10, "seed": 7},
+        # fp32 pinned: the invariants these runs check (layout equivalence, bit-exact resume) are
+        # fp32 ones, whatever the machine's bf16 support.
+        "training": {"micro_batch_size": 2, "global_batch_size": 8, "train_iters": 10, "seed": 7, "bf16": False},
         "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "lr_warmup_samples": 16, "lr_decay_style": "cosine",
                       "clip_grad": 1.0},
         "data": {"datasets": datasets, "alpha": 0.5, "split": "0.8,0.2,0", "num_workers": 0},

@@ -585,7 +585,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     p.add_argument("--split", default=None, help="split of a saved DatasetDict (None: 'train', or the only split)")
     p.add_argument("--summary-json", type=Path, default=None, help="also write the summary as JSON here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none either when stderr is not a terminal)")
     return p.parse_args(argv)
 
 
@@ -653,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs = [Job(list(args.input), args.output_prefix)]
         summaries = run(
             jobs, args.tokenizer, args.json_keys, append_eod=args.append_eod, workers=args.workers,
-            chunk_size=args.chunk_size, strict=args.strict, split=args.split, progress=not args.quiet,
+            chunk_size=args.chunk_size, strict=args.strict, split=args.split, progress=not args.quiet and sys.stderr.isatty(),
         )
     except KeyboardInterrupt:
         print("preprocess_data: interrupted; no output of the unfinished dataset was kept", file=sys.stderr)

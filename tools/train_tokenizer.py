@@ -464,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train(
             args.input, args.vocab_size, json_key=args.json_key, alpha=args.alpha, max_bytes=args.max_bytes,
             max_repeat=args.max_repeat, seed=args.seed, min_frequency=args.min_frequency,
-            max_token_length=args.max_token_length, progress=not args.quiet,
+            max_token_length=args.max_token_length, progress=not args.quiet and sys.stderr.isatty(),
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"train_tokenizer: error: {err}", file=sys.stderr)

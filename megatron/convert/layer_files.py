@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -30,6 +29,7 @@ from torch import nn
 from megatron.convert.errors import ConversionError
 from megatron.convert.layout import (EMBEDDING_INDEX, final_layernorm_index, layer_indices, merge_shards,
                                      split_full)
+from megatron.utils.atomic import atomic_path, atomic_write_bytes
 
 LAYER_FILE_PATTERN = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
@@ -102,19 +102,9 @@ def is_layer_files_only(directory: str | os.PathLike) -> bool:
 
 def write_latest(root: str | os.PathLike, tag: str) -> None:
     """Write ``root/latest`` naming ``tag``, atomically."""
-    _atomic_write_bytes(Path(root) / "latest", tag.encode("utf-8"))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(root) / "latest"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, tag.encode("utf-8"))
 
 
 def load_tensor_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -278,14 +268,8 @@ def save_layer_files(module: nn.Module, checkpoint_dir: str | os.PathLike, paral
     for index, entries in sorted(_group_by_layer(names, num_layers or _num_layers_of(module)).items()):
         layer_state = {key: state[name].detach().to("cpu").clone().contiguous() for name, key in entries}
         path = directory / layer_file_name(index, tp_rank)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(layer_state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         written.append(path)
     return written
 

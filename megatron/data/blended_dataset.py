@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -511,6 +512,7 @@ def build_blended_datasets(
             raise ValueError(f"{kind}_samples must be an integer >= 0, got {n!r}")
     cache = None if cache_dir is None else os.fspath(cache_dir)
 
+    start = time.perf_counter()
     datasets = [_open(name, prefix) for name, prefix, _ in parsed]
     ranges = [split_documents(len(ds), split) for ds in datasets]
     train_tokens = [int(np.asarray(ds.sizes[r[0][0] : r[0][1]]).sum(dtype=np.int64)) for ds, r in zip(datasets, ranges)]
@@ -536,8 +538,15 @@ def build_blended_datasets(
     test, test_per_language = _eval_split(
         "test", test_samples, names, datasets, [r[2] for r in ranges], weights, seq_length, seed, cache
     )
+    heaviest = max(range(len(names)), key=lambda i: weights[i])
+    lightest = min(range(len(names)), key=lambda i: weights[i])
+    logger.info(
+        "blend: %d datasets, %s train tokens, weights from %s %.4f to %s %.4f; index maps ready in %.1f s "
+        "(logging.log_level=debug lists each dataset)", len(names), f"{sum(train_tokens):,}", names[heaviest],
+        weights[heaviest], names[lightest], weights[lightest], time.perf_counter() - start,
+    )
     for name, w, r, tokens in zip(names, weights, ranges, train_tokens):
-        logger.info(
+        logger.debug(
             "%-12s weight %.4f  documents train/valid/test %d/%d/%d  train tokens %d",
             name, w, r[0][1] - r[0][0], r[1][1] - r[1][0], r[2][1] - r[2][0], tokens,
         )

@@ -340,7 +340,7 @@ def _build_and_save(paths: Mapping[str, str], build: Callable[[], Mapping[str, n
     arrays = build()
     for kind, path in paths.items():  # every file is complete on its own; all three mark a hit
         _save_atomic(path, arrays[kind])
-    logger.info("built %s in %.2f s", os.path.basename(paths[next(iter(paths))]), time.perf_counter() - start)
+    logger.debug("built %s in %.2f s", os.path.basename(paths[next(iter(paths))]), time.perf_counter() - start)
 
 
 def _locked(lock_path: str, fn: Callable[[], None]) -> None:

@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
+
+from tqdm import tqdm
 
 
 class MetricsLogger:
@@ -53,6 +57,33 @@ class MetricsLogger:
             self._tensorboard.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def console(line: str) -> None:
+    """Print one line for the user, now: above a progress bar on a terminal, and flushed at once
+    when stdout is a file (a SLURM log, ``| tee``), where Python would otherwise hold it in a
+    block buffer until the process ends."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+class ProgressLines:
+    """Progress of a long loop as occasional console lines (``what: 12/59, 8 s``), for work that
+    can take a while but is no training step: silent when it finishes within ``after`` seconds,
+    then one line every ``every`` seconds. Works the same on a terminal and in a log file."""
+
+    def __init__(self, what: str, total: int, enabled: bool = True, after: float = 5.0, every: float = 10.0):
+        self.what, self.total, self.enabled = what, total, enabled
+        self.after, self.every = after, every
+        self.start = time.monotonic()
+        self._next = self.start + after
+
+    def update(self, done: int) -> None:
+        """Report ``done`` of ``total`` if a report is due."""
+        now = time.monotonic()
+        if self.enabled and now >= self._next and done < self.total:
+            console(f"{self.what}: {done}/{self.total}, {now - self.start:.0f} s")
+            self._next = now + self.every
 
 
 def format_train_line(step: int, total_steps: int, scalars: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from megatron.checkpoint.checkpointing import Checkpointer, LoadedCheckpoint
 from megatron.checkpoint.store import CheckpointStore
-from megatron.config import Config, save_config
+from megatron.config import Config, LoggingConfig, save_config
 from megatron.core.distributed import DistributedInfo, init_distributed, shutdown_distributed
 from megatron.convert.errors import ConversionError
 from megatron.convert.layer_files import is_layer_files_only, load_layer_files_into, resolve_checkpoint_dir
@@ -41,8 +41,10 @@ from megatron.model.bloom import build_model
 from megatron.model.pipeline import build_pipeline_model
 from megatron.training.data import TrainingData, build_training_data
 from megatron.training.engine import build_engine, set_learning_rate
+from megatron.training.environment import describe_environment, write_environment
 from megatron.training.lifecycle import RunLifecycle, job_start_time
-from megatron.training.logging import MetricsLogger, format_train_line
+from megatron.training.logging import MetricsLogger, ProgressLines, console, format_train_line
+from megatron.training.precision import announce, resolve_precision
 from megatron.training.metrics import throughput
 from megatron.training.schedules import BatchSizeRampup, LearningRateSchedule, total_train_samples
 from megatron.training.steps import EngineSteps, PipelineSteps
@@ -121,7 +123,7 @@ class Trainer:
                "next_global_batch_size": self.rampup(s.consumed_samples)}
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
         if changed and self.info.rank == 0:
-            tqdm.write(f"warning: resuming at iteration {s.iteration} with {changed} (checkpoint, now): the "
+            console(f"warning: resuming at iteration {s.iteration} with {changed} (checkpoint, now): the "
                        "optimizer or training settings differ from the saved run's")
 
     # -- one step -------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ class Trainer:
         self._advance(batch_size, skipped=False)
         self.state.data_skipped_iterations += 1
         if self.info.rank == 0:
-            tqdm.write(f"iteration {self.state.iteration}: skipped by training.skip_train_iteration_range "
+            console(f"iteration {self.state.iteration}: skipped by training.skip_train_iteration_range "
                        f"({batch_size} samples of data consumed, no update)")
         return {"lm loss": float("nan"), "learning-rate": lr, "batch-size": batch_size, "grad-norm": None,
                 "skipped": True, "data-skipped": True}
@@ -193,12 +195,27 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
 
+    def eval_languages(self, final: bool) -> Optional[list[str]]:
+        """Languages to evaluate now (None: all): ``logging.eval_languages_per_interval`` of them,
+        in turn. The turn is a function of the iteration, so a resumed run picks what the
+        uninterrupted one would have."""
+        n, every = self.cfg.logging.eval_languages_per_interval, self.cfg.logging.eval_interval
+        languages = self.data.valid_languages
+        if final or n is None or n >= len(languages) or not every:
+            return None
+        start = (self.state.iteration // every) * n
+        return [languages[(start + i) % len(languages)] for i in range(n)]
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Validation loss and perplexity, overall and per language, averaged over tokens and DP ranks."""
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """Validation loss and perplexity, overall and per language, averaged over tokens and DP ranks
+        (at ``final``, every language whatever ``logging.eval_languages_per_interval`` says)."""
         self.engine.eval()
         results = {}
-        for name, batches in self.data.valid_batches(self.cfg.logging.eval_iters).items():
+        sets = self.data.valid_batches(self.cfg.logging.eval_iters, self.eval_languages(final))
+        progress = ProgressLines(f"validation at iteration {self.state.iteration}", len(sets), self.info.rank == 0)
+        for done, (name, batches) in enumerate(sets.items()):
+            progress.update(done)
             mean = self.steps.evaluate(batches)
             key = "validation" if name == "overall" else f"validation/{name}"
             results[f"{key} loss"] = mean
@@ -227,12 +244,12 @@ class Trainer:
         self.stop_reason = self.lifecycle.check_before_start()
         if self.stop_reason:
             if self.info.rank == 0:
-                tqdm.write(f"not training: {self.stop_reason}")
+                console(f"not training: {self.stop_reason}")
             return s
         log_every, eval_every = cfg.logging.log_interval, cfg.logging.eval_interval
         save_every = cfg.checkpoint.save_interval
-        progress = tqdm(total=total, initial=s.iteration, desc="train", unit="it", disable=self.info.rank != 0 or not sys.stderr.isatty(),
-                        dynamic_ncols=True)
+        progress = tqdm(total=total, initial=s.iteration, desc="train", unit="it", dynamic_ncols=True,
+                        disable=self.info.rank != 0 or not sys.stderr.isatty())
         window_time, window_samples, window = 0.0, 0, []
         self.engine.train()
         if s.iteration == 0 and eval_every:
@@ -250,7 +267,7 @@ class Trainer:
                 self._log_train(window, window_time, window_samples, progress)
                 window_time, window_samples, window = 0.0, 0, []
             if eval_every and (s.iteration % eval_every == 0 or s.iteration == total):
-                self._log_eval()
+                self._log_eval(final=s.iteration == total)
             if cfg.parallel.tp_sync_check_interval and s.iteration % cfg.parallel.tp_sync_check_interval == 0:
                 self.check_tp_duplicates()
             if save_every and cfg.checkpoint.save and s.iteration % save_every == 0 and s.iteration != total:
@@ -264,7 +281,7 @@ class Trainer:
         if self.stop_reason and self.info.rank == 0:
             saved = (f"checkpoint {cfg.checkpoint.save} is at iteration {s.iteration}; start the same command to resume"
                      if cfg.checkpoint.save else "checkpoint.save is not set: nothing was saved")
-            tqdm.write(f"stopping at iteration {s.iteration}/{total}: {self.stop_reason}; {saved}")
+            console(f"stopping at iteration {s.iteration}/{total}: {self.stop_reason}; {saved}")
         return s
 
     def _log_train(self, window: list[dict[str, Any]], seconds: float, samples: int, progress: tqdm) -> None:
@@ -287,14 +304,15 @@ class Trainer:
         scalars.update(_memory_stats(self.info.device))
         self.logger.log(s.iteration, scalars, kind="train", samples=s.consumed_samples)
         if self.info.rank == 0:
-            progress.write(format_train_line(s.iteration, self.total_iterations(), scalars))
+            console(format_train_line(s.iteration, self.total_iterations(), scalars))
 
-    def _log_eval(self) -> None:
-        results = self.evaluate()
+    def _log_eval(self, final: bool = False) -> None:
+        results = self.evaluate(final)
         self.logger.log(self.state.iteration, results, kind="valid", samples=self.state.consumed_samples)
         if self.info.rank == 0 and "validation loss" in results:
-            tqdm.write(f"validation at iteration {self.state.iteration}: loss {results['validation loss']:.4f}, "
-                       f"ppl {results['validation ppl']:.2f} ({len(results) // 2 - 1} languages)")
+            console(f"validation at iteration {self.state.iteration}: loss {results['validation loss']:.4f}, "
+                    f"ppl {results['validation ppl']:.2f} (blend; {len(results) // 2 - 1} of "
+                    f"{len(self.data.valid_languages)} languages evaluated)")
 
     def save(self) -> None:
         """Checkpoint the engine and the loop's state (see megatron.checkpoint.checkpointing)."""
@@ -321,7 +339,7 @@ def print_samples(cfg: Config, model: torch.nn.Module, tokenizer, device: torch.
         ids = torch.tensor([tokenizer.encode(prompt)], device=device)
         out = model.generate_greedy(ids, cfg.logging.sample_tokens, eos_id=tokenizer.eod_id)
         text = tokenizer.decode(out[0, ids.shape[1]:].tolist())
-        print(f"  {prompt!r} -> {text!r}")
+        print(f"  {prompt!r} -> {text!r}", flush=True)
 
 
 def build_network(cfg: Config, parallel: ParallelState, device: torch.device) -> torch.nn.Module:
@@ -342,16 +360,21 @@ def build_rng_tracker(cfg: Config, parallel: ParallelState, device: torch.device
     return tracker
 
 
-def configure_logging(rank: int) -> None:
-    """Show the ``megatron`` loggers' messages (checkpoints, data) on the console: rank 0's
-    information, every rank's warnings. A configuration made by the caller is left alone."""
+def configure_logging(rank: int, log_cfg: LoggingConfig) -> None:
+    """Show the ``megatron`` loggers' messages on the console: rank 0's at ``logging.log_level``,
+    every rank's warnings; DeepSpeed's at ``logging.deepspeed_log_level`` (its info level reports
+    memory and process groups at every engine build, noise for most runs). A configuration made
+    by the caller is left alone, apart from DeepSpeed's level."""
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.setLevel(log_cfg.deepspeed_log_level.upper())
     log = logging.getLogger("megatron")
     if log.handlers or logging.getLogger().handlers:
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(f"[%(asctime)s rank {rank}] %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.setLevel(log_cfg.log_level.upper() if rank == 0 else logging.WARNING)
 
 
 def initial_weights(cfg: Config) -> Optional[Path]:
@@ -388,13 +411,18 @@ def pretrain(cfg: Config, on_finish: Optional[Callable[[Any, ParallelState], Non
 def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
     info = init_distributed()
     cfg.validate(info.world_size)
-    configure_logging(info.rank)
+    configure_logging(info.rank, cfg.logging)
+    cfg, precision = resolve_precision(cfg, info.device)
+    announce(precision, info.rank)
     p = cfg.parallel
     parallel = ParallelState(info.world_size, info.rank, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     set_seed(cfg.training.seed)
     tracker = build_rng_tracker(cfg, parallel, info.device)
     if info.rank == 0 and cfg.logging.run_dir:
         save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
+        layout = {"tp": parallel.tp_size, "pp": parallel.pp_size, "dp": parallel.dp_size, "zero_stage": p.zero_stage}
+        write_environment(cfg.logging.run_dir, describe_environment(
+            cfg, info.world_size, layout, info.device, precision.name, precision.reason))
     data = build_training_data(cfg, parallel)
     model = build_network(cfg, parallel, info.device)
     rampup = BatchSizeRampup.from_config(cfg.training)
@@ -421,7 +449,7 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
             on_finish(engine, parallel)
         finished = trainer.stop_reason is None
         if finished and info.rank == 0 and cfg.logging.sample_prompts and parallel.tp_size * parallel.pp_size == 1:
-            print("greedy continuations:")
+            print("greedy continuations:", flush=True)
             print_samples(cfg, engine.module, data.tokenizer, info.device)
     finally:
         logger.close()

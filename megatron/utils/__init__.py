@@ -1,0 +1,1 @@
+"""Small helpers shared by several packages (kept free of heavy imports: config.py uses them)."""
