@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: set up, build the demo tokenizer and .bin/.idx data if missing, train a ~10M
+# The main job: set up, build the demo tokenizer and .bin/.idx data if missing, train a ~5M
 # parameter BLOOM on CPU with per-language validation, save a checkpoint, print greedy
 # continuations, and plot the loss curves. Extra arguments go to pretrain_bloom.py
 # (e.g. --set training.train_samples=800 for a shorter run).

@@ -25,7 +25,7 @@ from megatron.convert.errors import ConversionError
 from megatron.convert.from_hf import import_from_hf
 from megatron.convert.hf_mapping import hf_to_ours_state_dict
 from megatron.convert.layer_files import load_layer_files_into
-from megatron.convert.to_hf import export_to_hf
+from megatron.convert.to_hf import export_to_hf, resolve_config
 from megatron.data.tokenizer import load_tokenizer
 from megatron.model.bloom import build_model
 
@@ -377,3 +377,10 @@ def test_cli_round_trip_and_errors(exported, tmp_path):
     bad = _run_tool("convert_from_hf.py", "--hf", str(tmp_path / "nothing"), "--output", str(tmp_path / "x"))
     assert bad.returncode == 1 and "convert_from_hf: error:" in bad.stderr and "config.json" in bad.stderr
     assert _run_tool("convert_to_hf.py", "--help").returncode == 0
+
+
+def test_an_unreadable_client_state_is_reported_not_ignored(tmp_path):
+    (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match=r"could not read the run config from .*mp_rank_00_model_states.pt"):
+        with pytest.raises(ConversionError, match="no config found"):
+            resolve_config(None, tmp_path)

@@ -14,7 +14,7 @@ import pytest
 from launch import run_ranks
 from megatron.checkpoint.store import verify_checkpoint
 from megatron.config import TrainingConfig, config_from_dict
-from megatron.training.lifecycle import RunLifecycle
+from megatron.training.lifecycle import RunLifecycle, job_start_time
 from megatron.training.logging import read_metrics
 from training_utils import tiny_run
 
@@ -38,6 +38,15 @@ def test_exit_interval_and_duration():
     now[0] = 161.0
     assert "training.exit_duration_in_mins=1 reached" in lifecycle.check(11)
     assert lifecycle.check_before_start() is None  # time limits count only after a step
+
+
+def test_a_malformed_slurm_start_time_is_reported(monkeypatch, caplog):
+    monkeypatch.setenv("SLURM_JOB_START_TIME", "1700000000")
+    assert job_start_time() == 1700000000.0
+    monkeypatch.setenv("SLURM_JOB_START_TIME", "yesterday")
+    with caplog.at_level("WARNING", logger="megatron.training.lifecycle"):
+        assert abs(job_start_time() - time.time()) < 5
+    assert "SLURM_JOB_START_TIME='yesterday' is not a Unix time" in caplog.text
 
 
 def test_kill_switch(tmp_path):

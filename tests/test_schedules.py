@@ -69,14 +69,13 @@ def test_total_samples_from_iterations_with_rampup():
     assert total_train_samples(training, BatchSizeRampup.from_config(training)) == 30
 
 
-def test_flops_formula_for_bloom_176b():
+def test_flops_match_bloom_176b_logged_figure():
+    """BLOOM-176B's training log (TP4 PP12 DP8 on 384 A100s, global batch 2048, sequence 2048,
+    activation checkpointing) reported 149.02 TFLOP/s per GPU at 105.22 s per iteration."""
     model = ModelConfig(num_layers=70, hidden_size=14336, num_attention_heads=112, seq_length=2048)
-    f = flops_per_iteration(model, 250880, batch_size=2048, recompute=True)
-    h, L, s, V, B = 14336, 70, 2048, 250880, 2048
-    assert f == pytest.approx(96 * B * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h)))
-    # ~150 TFLOP/s per GPU on 384 GPUs means a 2048-sample step of about 105 s.
-    stats = throughput(model, 250880, 2048, seconds=f / (150e12 * 384), world_size=384, recompute=True,
+    stats = throughput(model, 250880, 2048, seconds=105.22, world_size=384, recompute=True,
                        peak_flops_per_device=312e12)
-    assert stats["hardware-tflops-per-device"] == pytest.approx(150.0)
-    assert stats["tflops-per-device"] == pytest.approx(150.0 * 3 / 4)
-    assert stats["mfu"] == pytest.approx(150.0 * 3 / 4 / 312)
+    assert round(stats["hardware-tflops-per-device"], 2) == 149.02
+    # Model FLOPs leave out the recomputed forward: 3 of the 4 passes.
+    assert stats["tflops-per-device"] == pytest.approx(149.02 * 3 / 4, rel=1e-4)
+    assert stats["mfu"] == pytest.approx(149.02 * 3 / 4 / 312, rel=1e-4)

@@ -34,7 +34,7 @@ SIZES = {
     "bloom-3b": (8, 8, "3,002,557,440", "TP4 PP4 DP4", 1190),
     "bloom-7b1": (16, 8, "7,069,016,064", "TP4 PP4 DP8", 1190),
     "bloom-176b": (48, 8, "176,247,271,424", "TP4 PP12 DP8", 5985),
-    "cpu-tiny": (1, 2, "10,020,480", "TP1 PP1 DP2", 29),
+    "cpu-tiny": (1, 2, "5,257,216", "TP1 PP1 DP2", 29),
 }
 
 
@@ -256,7 +256,8 @@ def run_dir(tmp_path):
     ckpt = tmp_path / "ckpt"
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"logging.run_dir={run}", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}",
-        f"training.kill_switch_path={tmp_path / 'stop'}", "training.train_samples=160"])
+        f"training.kill_switch_path={tmp_path / 'stop'}", "training.train_samples=160",
+        "training.global_batch_size=16"])
     save_config(cfg, run / "config.yaml")
     logger = MetricsLogger(str(run), None, rank=0)
     for step in range(1, 6):

@@ -35,9 +35,11 @@ from typing import Sequence
 
 try:
     from megatron.convert.errors import ConversionError
+    from megatron.utils.terminal import show_progress
 except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from megatron.convert.errors import ConversionError
+    from megatron.utils.terminal import show_progress
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,7 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base-config", default=None,
                         help="our YAML config whose training/optimizer/data sections config.yaml keeps")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT once done")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none either when stderr is not a terminal)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (none either off a terminal)")
     args = parser.parse_args(argv)
     if args.tp < 1 or args.pp < 1 or args.step < 0:
         parser.error("--tp and --pp must be >= 1 and --step >= 0")
@@ -68,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         summary = import_from_hf(args.hf, args.output, tp=args.tp, pp=args.pp, step=args.step, dtype=args.dtype,
-                                 base_config=args.base_config, overwrite=args.overwrite, progress=not args.quiet and sys.stderr.isatty())
+                                 base_config=args.base_config, overwrite=args.overwrite, progress=show_progress(args.quiet))
     except KeyboardInterrupt:
         print("convert_from_hf: interrupted; no output was kept", file=sys.stderr)
         return 130

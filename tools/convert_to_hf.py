@@ -32,9 +32,11 @@ from typing import Sequence
 
 try:
     from megatron.convert.errors import ConversionError
+    from megatron.utils.terminal import show_progress
 except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from megatron.convert.errors import ConversionError
+    from megatron.utils.terminal import show_progress
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -51,7 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="the run's YAML config (default: the config found with "
                                                        "the checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT once done")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none either when stderr is not a terminal)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (none either off a terminal)")
     return parser.parse_args(argv)
 
 
@@ -68,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                   file=sys.stderr)
             summary = export_to_hf(args.checkpoint, args.output, step=args.step, dtype=args.dtype,
                                    max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
-                                   config=args.config, overwrite=args.overwrite, progress=not args.quiet and sys.stderr.isatty())
+                                   config=args.config, overwrite=args.overwrite, progress=show_progress(args.quiet))
     except KeyboardInterrupt:
         print("convert_to_hf: interrupted; no output was kept", file=sys.stderr)
         return 130

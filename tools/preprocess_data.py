@@ -52,10 +52,12 @@ from tqdm import tqdm
 try:
     from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, data_file_path, index_file_path
     from megatron.data.tokenizer import HFTokenizer, load_tokenizer
+    from megatron.utils.terminal import show_progress
 except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, data_file_path, index_file_path
     from megatron.data.tokenizer import HFTokenizer, load_tokenizer
+    from megatron.utils.terminal import show_progress
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -585,7 +587,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     p.add_argument("--split", default=None, help="split of a saved DatasetDict (None: 'train', or the only split)")
     p.add_argument("--summary-json", type=Path, default=None, help="also write the summary as JSON here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none either when stderr is not a terminal)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (none either off a terminal)")
     return p.parse_args(argv)
 
 
@@ -653,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs = [Job(list(args.input), args.output_prefix)]
         summaries = run(
             jobs, args.tokenizer, args.json_keys, append_eod=args.append_eod, workers=args.workers,
-            chunk_size=args.chunk_size, strict=args.strict, split=args.split, progress=not args.quiet and sys.stderr.isatty(),
+            chunk_size=args.chunk_size, strict=args.strict, split=args.split, progress=show_progress(args.quiet),
         )
     except KeyboardInterrupt:
         print("preprocess_data: interrupted; no output of the unfinished dataset was kept", file=sys.stderr)

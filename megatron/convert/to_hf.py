@@ -81,8 +81,9 @@ def _config_from_checkpoint(directory: Path) -> tuple[Optional[Config], str]:
             values = state.get("config") if isinstance(state, dict) else None
             if isinstance(values, dict):
                 return config_from_dict(values, str(client)), f"{client} (client state 'config')"
-        except Exception:  # noqa: BLE001 - optional source: any failure means "not found here"
-            pass
+        except Exception as exc:  # noqa: BLE001 - an optional source, but say why it was not used
+            warnings.warn(f"could not read the run config from {client} ({type(exc).__name__}: {exc}); "
+                          "pass --config to name it", stacklevel=2)
     return None, ""
 
 

@@ -167,7 +167,12 @@ def _native_kernel() -> Any | None:
                             os.remove(p)
             lib = ctypes.CDLL(so_path)
         except (OSError, subprocess.SubprocessError) as e:
-            logger.debug("blend kernel unavailable in %s: %s", directory, e)
+            # The numpy fallback gives the same indices, ~40x slower: worth a line, not a failure.
+            stderr = getattr(e, "stderr", b"") or b""
+            logger.warning("could not build the C blend kernel in %s (%s%s); %s", directory, e,
+                           f": {stderr.decode(errors='replace').strip()[:300]}" if stderr else "",
+                           "trying a private temporary directory" if directory == _kernel_cache_dir()
+                           else "using the numpy fallback")
             continue
         fn = lib.build_blending_indices
         ptr = np.ctypeslib.ndpointer

@@ -153,9 +153,16 @@ def _collective_device() -> torch.device:
 
 
 def job_start_time() -> float:
-    """When this job started: SLURM's start time when known (``SLURM_JOB_START_TIME``), else now."""
+    """When this job started: SLURM's start time when known (``SLURM_JOB_START_TIME``), else now.
+
+    A value that is not a number is reported, not silently replaced: counted from now, the
+    ``training.exit_duration_in_mins`` deadline moves later than the job's real time limit."""
     value = os.environ.get("SLURM_JOB_START_TIME")
+    if not value:
+        return time.time()
     try:
-        return float(value) if value else time.time()
+        return float(value)
     except ValueError:
+        logger.warning("SLURM_JOB_START_TIME=%r is not a Unix time: training.exit_duration_in_mins counts from "
+                       "now instead, which can run past the job's time limit; unset it or fix the launcher", value)
         return time.time()

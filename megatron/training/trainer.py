@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -44,10 +43,11 @@ from megatron.training.engine import build_engine, set_learning_rate
 from megatron.training.environment import describe_environment, write_environment
 from megatron.training.lifecycle import RunLifecycle, job_start_time
 from megatron.training.logging import MetricsLogger, ProgressLines, console, format_train_line
-from megatron.training.precision import announce, resolve_precision
 from megatron.training.metrics import throughput
+from megatron.training.precision import announce, resolve_precision
 from megatron.training.schedules import BatchSizeRampup, LearningRateSchedule, total_train_samples
 from megatron.training.steps import EngineSteps, PipelineSteps
+from megatron.utils.terminal import show_progress
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -249,7 +249,7 @@ class Trainer:
         log_every, eval_every = cfg.logging.log_interval, cfg.logging.eval_interval
         save_every = cfg.checkpoint.save_interval
         progress = tqdm(total=total, initial=s.iteration, desc="train", unit="it", dynamic_ncols=True,
-                        disable=self.info.rank != 0 or not sys.stderr.isatty())
+                        disable=self.info.rank != 0 or not show_progress())
         window_time, window_samples, window = 0.0, 0, []
         self.engine.train()
         if s.iteration == 0 and eval_every:
