@@ -229,7 +229,7 @@ def test_import_writes_a_trainable_checkpoint(tmp_path):
     shape = (m.num_layers, m.hidden_size, m.num_attention_heads, m.vocab_size, cfg.padded_vocab_size)
     assert shape == (3, 96, 6, 4096, 4096)
     assert cfg.checkpoint.load == str(out) and cfg.data.tokenizer == str(out / "tokenizer.json")
-    assert cfg.optimizer.lr == 1.5e-3  # from the base config
+    assert cfg.optimizer.lr == load_config(REPO / "configs" / "tiny.yaml").optimizer.lr  # from the base config
     assert summary.num_parameters == sum(p.numel() for p in hf.parameters())  # tied head counted once
     # The TP=2 files fill a single-device model (TP merge) that equals transformers.
     model = build_model(cfg.model, cfg.padded_vocab_size)
