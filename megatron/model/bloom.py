@@ -60,14 +60,22 @@ def normal_init(std: float, generator: Optional[torch.Generator]):
     return init
 
 
-class WordEmbedding(VocabParallelEmbedding):
-    """Vocab-parallel embedding with BLOOM's embedding LayerNorm as ``norm`` (after the all-reduce)."""
+class StableEmbedding(VocabParallelEmbedding):
+    """BLOOM's StableEmbedding: the vocab-parallel embedding, then a LayerNorm computed in fp32.
+
+    The name is bitsandbytes' (Dettmers et al., 2022), whose ``StableEmbedding`` BLOOM adopted
+    to keep bf16 training of a 250k-row embedding stable. Megatron-DeepSpeed switches it with
+    ``--embed-layernorm`` (here ``model.embed_layernorm``) and stores the LayerNorm as
+    ``word_embeddings.norm.*``, as this module does; the LayerNorm follows the TP all-reduce
+    (or reduce-scatter under sequence parallelism), so every rank normalises whole vectors.
+    """
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp_group=None, sequence_parallel: bool = False,
                  generator: Optional[torch.Generator] = None):
         super().__init__(padded_vocab_size, cfg.hidden_size, tp_group, sequence_parallel=sequence_parallel,
                          init_method=normal_init(cfg.init_method_std, generator))
-        self.norm = (SequenceParallelLayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, tp_group, sequence_parallel)
+        self.norm = (SequenceParallelLayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, tp_group, sequence_parallel,
+                                               compute_in_fp32=True)
                      if cfg.embed_layernorm else None)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -81,7 +89,7 @@ class BloomEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp_group=None, sequence_parallel: bool = False,
                  seed: int = 0, rng_tracker: Optional[RNGStatesTracker] = None):
         super().__init__()
-        self.word_embeddings = WordEmbedding(cfg, padded_vocab_size, tp_group, sequence_parallel,
+        self.word_embeddings = StableEmbedding(cfg, padded_vocab_size, tp_group, sequence_parallel,
                                              layer_generator(seed, EMBEDDING_LAYER_INDEX))
         self.dropout_p = cfg.hidden_dropout
         self.rng_tracker = rng_tracker
@@ -175,7 +183,7 @@ class BloomBlock(nn.Module):
         return hidden + self._dropout(mlp)
 
 
-def lm_head_logits(hidden: torch.Tensor, embedding: WordEmbedding) -> torch.Tensor:
+def lm_head_logits(hidden: torch.Tensor, embedding: StableEmbedding) -> torch.Tensor:
     """Logits through the tied embedding: this rank's vocabulary slice when tensor-parallel.
 
     The hidden state is duplicated across TP (or split over the sequence), while the matrix is

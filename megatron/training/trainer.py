@@ -301,14 +301,19 @@ class Trainer:
         }
         scalars.update(throughput(cfg.model, cfg.padded_vocab_size, samples, seconds, self.info.world_size,
                                   cfg.training.checkpoint_activations, cfg.logging.peak_flops_per_device))
+        dp = self.parallel.dp_size
+        scalars["samples-per-second-per-replica"] = scalars["samples-per-second"] / dp
+        scalars["tokens-per-second-per-replica"] = scalars["tokens-per-second"] / dp
         scalars.update(_memory_stats(self.info.device))
-        self.logger.log(s.iteration, scalars, kind="train", samples=s.consumed_samples)
+        self.logger.log(s.iteration, scalars, kind="train", samples=s.consumed_samples, tokens=s.consumed_tokens)
         if self.info.rank == 0:
-            console(format_train_line(s.iteration, self.total_iterations(), scalars))
+            console(format_train_line(s.iteration, self.total_iterations(), scalars, s.consumed_samples,
+                                      s.consumed_tokens))
 
     def _log_eval(self, final: bool = False) -> None:
         results = self.evaluate(final)
-        self.logger.log(self.state.iteration, results, kind="valid", samples=self.state.consumed_samples)
+        self.logger.log(self.state.iteration, results, kind="valid", samples=self.state.consumed_samples,
+                        tokens=self.state.consumed_tokens)
         if self.info.rank == 0 and "validation loss" in results:
             console(f"validation at iteration {self.state.iteration}: loss {results['validation loss']:.4f}, "
                     f"ppl {results['validation ppl']:.2f} (blend; {len(results) // 2 - 1} of "
