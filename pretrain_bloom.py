@@ -81,9 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from megatron.training.trainer import pretrain
+    from megatron.training.trainer import TooManySkippedSteps, pretrain
 
-    pretrain(cfg)
+    try:
+        pretrain(cfg)
+    except TooManySkippedSteps as exc:
+        # A diverged run is an outcome with a remedy, not a crash: the message, no traceback.
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

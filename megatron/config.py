@@ -132,6 +132,9 @@ class OptimizerConfig:
     adam_eps: float = 1.0e-8
     weight_decay: float = 0.1
     clip_grad: float = 1.0
+    # Megatron-DeepSpeed's --use-bnb-optimizer (bitsandbytes 8-bit Adam, 32-bit state for the
+    # StableEmbedding). Refused: see the validation message.
+    use_bnb_optimizer: bool = False
 
 
 @dataclass
@@ -314,6 +317,11 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
         o.lr_decay_samples is None or o.lr_decay_tokens is None,
         "set at most one of optimizer.lr_decay_samples and optimizer.lr_decay_tokens",
     )
+    _require(not o.use_bnb_optimizer,
+             "optimizer.use_bnb_optimizer is not supported: bitsandbytes' 8-bit Adam keeps the embedding's state "
+             "in 32 bits through a per-parameter override, and ZeRO (and DeepSpeed's BF16_Optimizer) hand the "
+             "optimizer flat partitions of many parameters, which loses that override; the run would silently "
+             "train something else. Use the default AdamW")
     for name in ("adam_beta1", "adam_beta2"):
         _require(0.0 <= getattr(o, name) < 1.0, f"optimizer.{name} must be in [0, 1), got {getattr(o, name)}")
 

@@ -32,14 +32,14 @@ def test_log_lines_reach_a_redirected_stdout_while_the_run_goes_on(corpus, tmp_p
                                    stdout=out, stderr=err, env=env, start_new_session=True)
         try:
             deadline = time.monotonic() + 240
-            while "iteration       2/" not in out_path.read_text() and time.monotonic() < deadline:
+            while " iteration        2/" not in out_path.read_text() and time.monotonic() < deadline:
                 assert process.poll() is None, f"the run ended early:\n{err_path.read_text()[-3000:]}"
                 time.sleep(0.2)
             # Seen in the file while the process still trains (it runs until the kill switch), and
             # as soon as it is logged: metrics.jsonl (flushed per record) is at most one step ahead.
             # A block-buffered stdout would hold ~40 such lines back.
             logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
-            printed = [line for line in out_path.read_text().splitlines() if line.startswith("iteration ")]
+            printed = [line for line in out_path.read_text().splitlines() if line.startswith(" iteration ")]
             assert process.poll() is None, err_path.read_text()[-3000:]
             assert len(printed) >= len(logged) - 1, (len(printed), len(logged))
             switch.touch()
@@ -48,8 +48,10 @@ def test_log_lines_reach_a_redirected_stdout_while_the_run_goes_on(corpus, tmp_p
             if process.poll() is None:
                 kill_group(process)
     stdout, stderr = out_path.read_text(), err_path.read_text()
-    step_lines = [line for line in stdout.splitlines() if line.startswith("iteration ")]
-    assert step_lines[0].startswith("iteration       1/ 100000 | lm loss: ")
+    step_lines = [line for line in stdout.splitlines() if line.startswith(" iteration ")]
+    # Megatron-DeepSpeed's line, as in BLOOM's logs.
+    assert step_lines[0].startswith(" iteration        1/  100000 | consumed samples:            8 | consumed tokens: ")
+    assert " | lm loss: " in step_lines[0] and " | number of skipped iterations:   0 |" in step_lines[0]
     assert "precision: fp32 (training.bf16 is false)" in stderr
     assert "blend: 3 datasets" in stderr and "documents train/valid/test" not in stderr  # a summary, not a line per language
     for chatter in ("MA ", "Max_MA", "before initializing group", "DeepSpeed Flops"):

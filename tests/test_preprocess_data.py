@@ -257,3 +257,18 @@ def test_corpus_dir_mode(tmp_path, tok):
     assert sorted(os.listdir(tmp_path / "out")) == sorted(
         f"{lang}_text_document.{ext}" for lang in ("zh-Hans", "python") for ext in ("bin", "idx"))
     assert json.loads(summary.read_text())["documents"] == 3
+
+
+def test_special_token_text_in_documents_is_plain_text_unless_asked(tmp_path, tok):
+    """Default: a literal "</s>" in a web page is text, never a document separator. With
+    --match-special-tokens it becomes the end-of-document token, as Megatron-DeepSpeed does."""
+    eod_text = tok.backend.id_to_token(tok.eod_id)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": f"one {eod_text} two"}])
+    for flag, name in (((), "safe"), (("--match-special-tokens",), "megatron")):
+        assert run_cli("--input", str(src), "--tokenizer", str(TOKENIZER), "--output-prefix", str(tmp_path / name),
+                       "--quiet", *flag) == 0
+    safe = MMapIndexedDataset(str(tmp_path / "safe_text_document"))[0].tolist()
+    megatron = MMapIndexedDataset(str(tmp_path / "megatron_text_document"))[0].tolist()
+    assert tok.eod_id not in safe
+    assert megatron.count(tok.eod_id) == 1
+    assert tok.decode(safe) == tok.decode(megatron) == f"one {eod_text} two"

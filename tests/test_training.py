@@ -110,3 +110,36 @@ def test_too_many_consecutive_skips_stop_the_run(corpus, tmp_path):
     body = tiny_run(tmp_path, corpus, training={"max_consecutive_skipped_steps": 2}, logging={"eval_interval": 0})
     (result,) = run_ranks(poisoned_worker, 1, (body, list(range(1, 100))))
     assert "3 consecutive steps had a non-finite loss" in result["error"]
+
+
+def drifting_worker(rank: int, body: dict) -> dict:
+    """TP=2: after step 2, rank 1's copy of a LayerNorm weight drifts away from rank 0's."""
+    import torch
+
+    import megatron.training.trainer as trainer_module
+
+    original = trainer_module.Trainer.train_step
+
+    def train_step(self):
+        step = original(self)
+        if self.state.iteration == 2 and self.parallel.tp_rank == 1:
+            with torch.no_grad():
+                self.engine.module.layers[1].post_attention_layernorm.weight.add_(1e-3)
+        return step
+
+    trainer_module.Trainer.train_step = train_step
+    try:
+        state = trainer_module.pretrain(config_from_dict(body))
+        return {"iteration": state.iteration}
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+
+
+def test_tp_duplicates_drifting_apart_stop_the_run_with_their_names(corpus, tmp_path):
+    body = tiny_run(tmp_path, corpus, parallel={"tensor_model_parallel_size": 2, "tp_sync_check_interval": 1},
+                    training={"train_iters": 5}, logging={"eval_interval": 0})
+    results = run_ranks(drifting_worker, 2, (body,))
+    for result in results:
+        assert "error" in result, result
+        assert "tensor-parallel duplicated parameters differ across TP ranks at iteration 2" in result["error"]
+        assert "layers.1.post_attention_layernorm.weight" in result["error"]

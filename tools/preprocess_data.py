@@ -223,14 +223,16 @@ _STATE: _EncoderState | None = None
 
 
 def _init_encoder(
-    tokenizer_path: str, keys: Sequence[str], append_eod: bool, dtype: str, tokenizer: HFTokenizer | None = None
+    tokenizer_path: str, keys: Sequence[str], append_eod: bool, dtype: str, match_special_tokens: bool = False,
+    tokenizer: HFTokenizer | None = None,
 ) -> None:
     """Per-process setup: load the tokenizer once and keep it single-threaded."""
     global _STATE
     # N worker processes should use N cores, not N x (tokenizers' thread pool). tokenizers
     # reads this variable at every call, so setting it here takes effect at once.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tok = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(
+        tokenizer_path, split_special_tokens=not match_special_tokens)
     _STATE = _EncoderState(tok, tuple(keys), append_eod, np.dtype(dtype))
 
 
@@ -470,8 +472,13 @@ def run(
     split: str | None = None,
     progress: bool = True,
     start_method: str | None = None,
+    match_special_tokens: bool = False,
 ) -> list[Summary]:
     """Preprocess every job; returns one summary per job.
+
+    ``match_special_tokens``: a special token's text inside a document (a literal ``</s>``)
+    becomes that token, as Megatron-DeepSpeed's preprocessing does; by default it is encoded as
+    plain text, so raw data cannot inject a document separator.
 
     Raises:
         PreprocessError: bad input (with --strict), unreadable input, or a missing column;
@@ -486,9 +493,9 @@ def run(
     for job in jobs:
         for p in job.inputs:
             input_kind(p)  # fail before any work on a missing or unknown input
-    tok = load_tokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path, split_special_tokens=not match_special_tokens)
     dtype = best_dtype(tok.vocab_size)
-    init_args = (str(tokenizer_path), tuple(keys), append_eod, dtype.str)
+    init_args = (str(tokenizer_path), tuple(keys), append_eod, dtype.str, match_special_tokens)
     summaries = [Summary(input_bytes=sum(input_size(p) for p in job.inputs)) for job in jobs]
     saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
     writer: _JobWriter | None = None
@@ -586,6 +593,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=256, help="documents per batch sent to a worker")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     p.add_argument("--split", default=None, help="split of a saved DatasetDict (None: 'train', or the only split)")
+    p.add_argument("--match-special-tokens", action="store_true",
+                   help="turn special-token text inside documents (a literal </s>) into that token, as "
+                        "Megatron-DeepSpeed does (default: encode it as plain text, so data cannot inject separators)")
     p.add_argument("--summary-json", type=Path, default=None, help="also write the summary as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar (none either off a terminal)")
     return p.parse_args(argv)
@@ -656,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summaries = run(
             jobs, args.tokenizer, args.json_keys, append_eod=args.append_eod, workers=args.workers,
             chunk_size=args.chunk_size, strict=args.strict, split=args.split, progress=show_progress(args.quiet),
+            match_special_tokens=args.match_special_tokens,
         )
     except KeyboardInterrupt:
         print("preprocess_data: interrupted; no output of the unfinished dataset was kept", file=sys.stderr)

@@ -53,9 +53,10 @@ def reseed(seed: int, iteration: int, tracker: Optional[RNGStatesTracker], tp_ra
     """Fresh streams derived from (seed, iteration), for a resume on a different layout, where the
     saved per-rank streams have no counterpart."""
     derived = seed + iteration
+    default, model_parallel = model_parallel_seed(derived, tp_rank, pp_rank)
     random.seed(derived)
     np.random.seed(derived % 2**32)
-    torch.manual_seed(derived)
+    torch.manual_seed(default)  # per pipeline stage, as at the start of a run
     if tracker is not None:
         tracker.reset()
-        tracker.add(MODEL_PARALLEL_RNG, model_parallel_seed(derived, tp_rank, pp_rank)[1])
+        tracker.add(MODEL_PARALLEL_RNG, model_parallel)

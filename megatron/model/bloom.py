@@ -14,6 +14,12 @@ column split gives each rank whole heads, whose ALiBi slopes it takes.
 Initialisation draws every layer's weights from its own generator seeded by (seed, pipeline
 layer index), full-size on every rank before slicing, so any TP x PP layout starts from the
 same weights as one device.
+
+Dropout draws its masks as Megatron does (megatron/core/tensor_parallel/random.py): attention
+dropout, and hidden dropout under sequence parallelism, from the ``rng_tracker``'s
+model-parallel stream (different on each TP rank: the activations differ); hidden dropout on
+activations duplicated across TP ranks from the default stream (the same on each TP rank, so
+the copies stay equal). Activation recompute replays the tracker's draws too.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.config import ModelConfig
 from megatron.core.tensor_parallel import (
-    ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm, VocabParallelEmbedding,
-    copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region, vocab_parallel_cross_entropy)
+    ColumnParallelLinear, RNGStatesTracker, RowParallelLinear, SequenceParallelLayerNorm, VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region, dropout, gather_from_sequence_parallel_region, model_parallel_region,
+    vocab_parallel_cross_entropy)
 from megatron.model.alibi import alibi_slopes_for_rank
 from megatron.model.kernels import get_kernel
 
@@ -53,14 +60,22 @@ def normal_init(std: float, generator: Optional[torch.Generator]):
     return init
 
 
-class WordEmbedding(VocabParallelEmbedding):
-    """Vocab-parallel embedding with BLOOM's embedding LayerNorm as ``norm`` (after the all-reduce)."""
+class StableEmbedding(VocabParallelEmbedding):
+    """BLOOM's StableEmbedding: the vocab-parallel embedding, then a LayerNorm computed in fp32.
+
+    The name is bitsandbytes' (Dettmers et al., 2022), whose ``StableEmbedding`` BLOOM adopted
+    to keep bf16 training of a 250k-row embedding stable. Megatron-DeepSpeed switches it with
+    ``--embed-layernorm`` (here ``model.embed_layernorm``) and stores the LayerNorm as
+    ``word_embeddings.norm.*``, as this module does; the LayerNorm follows the TP all-reduce
+    (or reduce-scatter under sequence parallelism), so every rank normalises whole vectors.
+    """
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp_group=None, sequence_parallel: bool = False,
                  generator: Optional[torch.Generator] = None):
         super().__init__(padded_vocab_size, cfg.hidden_size, tp_group, sequence_parallel=sequence_parallel,
                          init_method=normal_init(cfg.init_method_std, generator))
-        self.norm = (SequenceParallelLayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, tp_group, sequence_parallel)
+        self.norm = (SequenceParallelLayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, tp_group, sequence_parallel,
+                                               compute_in_fp32=True)
                      if cfg.embed_layernorm else None)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -72,22 +87,27 @@ class BloomEmbedding(nn.Module):
     """First pipeline layer: embedding, embedding LayerNorm, embedding dropout."""
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp_group=None, sequence_parallel: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, rng_tracker: Optional[RNGStatesTracker] = None):
         super().__init__()
-        self.word_embeddings = WordEmbedding(cfg, padded_vocab_size, tp_group, sequence_parallel,
+        self.word_embeddings = StableEmbedding(cfg, padded_vocab_size, tp_group, sequence_parallel,
                                              layer_generator(seed, EMBEDDING_LAYER_INDEX))
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout_p = cfg.hidden_dropout
+        self.rng_tracker = rng_tracker
+        # Under sequence parallelism each TP rank holds its own tokens of the output.
+        self.split_across_tp = sequence_parallel and self.word_embeddings.tp_size > 1
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.word_embeddings(input_ids))
+        return dropout(self.word_embeddings(input_ids), self.dropout_p, self.training, self.rng_tracker,
+                       model_parallel=self.split_across_tp)
 
 
 class BloomAttention(nn.Module):
     """Causal self-attention with ALiBi over this rank's heads (kernel: megatron/model/kernels)."""
 
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, rng_tracker: Optional[RNGStatesTracker] = None):
         super().__init__()
+        self.rng_tracker = rng_tracker
         std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
         self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp_group,
                                                     sequence_parallel=sequence_parallel,
@@ -107,7 +127,10 @@ class BloomAttention(nn.Module):
         batch, seq, _ = qkv.shape
         qkv = qkv.view(batch, seq, self.num_heads, 3, self.head_dim)
         query, key, value = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [b, heads, s, d]
-        context = self.attention(query, key, value, self.alibi_slopes, self.dropout_p if self.training else 0.0)
+        dropout_p = self.dropout_p if self.training else 0.0
+        # This rank's heads only: their dropout masks come from the model-parallel stream.
+        with model_parallel_region(self.rng_tracker, active=dropout_p > 0.0):
+            context = self.attention(query, key, value, self.alibi_slopes, dropout_p)
         return self.dense(context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
 
@@ -137,24 +160,30 @@ class BloomBlock(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, layer_number: int, tp_group=None, sequence_parallel: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, rng_tracker: Optional[RNGStatesTracker] = None):
         super().__init__()
         generator = layer_generator(seed, FIRST_BLOCK_LAYER_INDEX + layer_number)
         eps = cfg.layernorm_epsilon
         self.input_layernorm = SequenceParallelLayerNorm(cfg.hidden_size, eps, tp_group, sequence_parallel)
-        self.self_attention = BloomAttention(cfg, tp_group, sequence_parallel, generator)
+        self.self_attention = BloomAttention(cfg, tp_group, sequence_parallel, generator, rng_tracker)
         self.post_attention_layernorm = SequenceParallelLayerNorm(cfg.hidden_size, eps, tp_group, sequence_parallel)
         self.mlp = BloomMLP(cfg, tp_group, sequence_parallel, generator)
         self.hidden_dropout = cfg.hidden_dropout
+        self.rng_tracker = rng_tracker
+        # The residual stream is duplicated across TP ranks, or split over them by sequence.
+        self.split_across_tp = sequence_parallel and self.mlp.dense_h_to_4h.tp_size > 1
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.hidden_dropout, self.training, self.rng_tracker, model_parallel=self.split_across_tp)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         attention = self.self_attention(self.input_layernorm(hidden))
-        hidden = hidden + F.dropout(attention, self.hidden_dropout, self.training)
+        hidden = hidden + self._dropout(attention)
         mlp = self.mlp(self.post_attention_layernorm(hidden))
-        return hidden + F.dropout(mlp, self.hidden_dropout, self.training)
+        return hidden + self._dropout(mlp)
 
 
-def lm_head_logits(hidden: torch.Tensor, embedding: WordEmbedding) -> torch.Tensor:
+def lm_head_logits(hidden: torch.Tensor, embedding: StableEmbedding) -> torch.Tensor:
     """Logits through the tied embedding: this rank's vocabulary slice when tensor-parallel.
 
     The hidden state is duplicated across TP (or split over the sequence), while the matrix is
@@ -172,12 +201,14 @@ class BloomForCausalLM(nn.Module):
     """The whole model on one pipeline stage: ``forward(input_ids) -> logits [b, s, vocab(/TP)]``."""
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: Optional[int] = None, tp_group=None,
-                 sequence_parallel: bool = False, seed: int = 0, checkpoint_num_layers: int = 0):
+                 sequence_parallel: bool = False, seed: int = 0, checkpoint_num_layers: int = 0,
+                 rng_tracker: Optional[RNGStatesTracker] = None):
         super().__init__()
         self.cfg = cfg
         self.padded_vocab_size = padded_vocab_size or cfg.padded_vocab_size()
-        self.embedding = BloomEmbedding(cfg, self.padded_vocab_size, tp_group, sequence_parallel, seed)
-        self.layers = nn.ModuleList(BloomBlock(cfg, i, tp_group, sequence_parallel, seed)
+        self.rng_tracker = rng_tracker
+        self.embedding = BloomEmbedding(cfg, self.padded_vocab_size, tp_group, sequence_parallel, seed, rng_tracker)
+        self.layers = nn.ModuleList(BloomBlock(cfg, i, tp_group, sequence_parallel, seed, rng_tracker)
                                     for i in range(cfg.num_layers))
         self.final_layernorm = SequenceParallelLayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, tp_group,
                                                          sequence_parallel)
@@ -185,7 +216,7 @@ class BloomForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embedding(input_ids)
-        hidden = run_blocks(self.layers, hidden, self.checkpoint_num_layers if self.training else 0)
+        hidden = run_blocks(self.layers, hidden, self.checkpoint_num_layers if self.training else 0, self.rng_tracker)
         return lm_head_logits(self.final_layernorm(hidden), self.embedding.word_embeddings)
 
     @torch.no_grad()
@@ -201,16 +232,22 @@ class BloomForCausalLM(nn.Module):
         return tokens
 
 
-def run_blocks(blocks: nn.ModuleList, hidden: torch.Tensor, checkpoint_num_layers: int) -> torch.Tensor:
+def run_blocks(blocks: nn.ModuleList, hidden: torch.Tensor, checkpoint_num_layers: int,
+               rng_tracker: Optional[RNGStatesTracker] = None) -> torch.Tensor:
     """Apply ``blocks``; with ``checkpoint_num_layers`` = k > 0, keep only every k-th block's
-    input and recompute the rest in the backward (activation checkpointing)."""
+    input and recompute the rest in the backward (activation checkpointing). The recompute
+    replays the default generator's draws (torch's checkpoint) and the tracker's (its own
+    checkpoint), so it sees exactly the dropout masks of the first pass."""
     if checkpoint_num_layers <= 0:
         for block in blocks:
             hidden = block(hidden)
         return hidden
     for start in range(0, len(blocks), checkpoint_num_layers):
         chunk = blocks[start : start + checkpoint_num_layers]
-        hidden = checkpoint(run_blocks, chunk, hidden, 0, use_reentrant=False)
+        if rng_tracker is not None:
+            hidden = rng_tracker.checkpoint(run_blocks, chunk, hidden, 0)
+        else:
+            hidden = checkpoint(run_blocks, chunk, hidden, 0, use_reentrant=False)
     return hidden
 
 
@@ -241,7 +278,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def build_model(cfg: ModelConfig, padded_vocab_size: Optional[int] = None, device: str | torch.device = "cpu",
                 tp_group=None, sequence_parallel: bool = False, seed: int = 0,
-                checkpoint_num_layers: int = 0) -> BloomForCausalLM:
-    """Build the model; ``device="meta"`` allocates nothing (for dry runs)."""
+                checkpoint_num_layers: int = 0, rng_tracker: Optional[RNGStatesTracker] = None) -> BloomForCausalLM:
+    """Build the model; ``device="meta"`` allocates nothing (for dry runs). ``rng_tracker``: the
+    rank's tensor-parallel random streams, for dropout (none needed without dropout)."""
     with torch.device(device):
-        return BloomForCausalLM(cfg, padded_vocab_size, tp_group, sequence_parallel, seed, checkpoint_num_layers)
+        return BloomForCausalLM(cfg, padded_vocab_size, tp_group, sequence_parallel, seed, checkpoint_num_layers,
+                                rng_tracker)

@@ -52,17 +52,18 @@ def final_layernorm_index(num_layers: int) -> int:
     return num_layers + 4
 
 
-def layer_specs(cfg: Config, tp_group=None, seed: int = 0) -> list:
+def layer_specs(cfg: Config, tp_group=None, seed: int = 0, rng_tracker=None) -> list:
     """The spec list of BLOOM's pipeline (see the module docstring for the indices)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     m, sp = cfg.model, cfg.parallel.sequence_parallel
-    embedding = dict(cfg=m, padded_vocab_size=cfg.padded_vocab_size, tp_group=tp_group, sequence_parallel=sp, seed=seed)
+    embedding = dict(cfg=m, padded_vocab_size=cfg.padded_vocab_size, tp_group=tp_group, sequence_parallel=sp, seed=seed,
+                     rng_tracker=rng_tracker)
     return [
         _identity,
         TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, **embedding, tied_weight_attr="word_embeddings.weight"),
         _identity,
-        *[LayerSpec(TransformerLayerPipe, m, i, tp_group, sp, seed) for i in range(m.num_layers)],
+        *[LayerSpec(TransformerLayerPipe, m, i, tp_group, sp, seed, rng_tracker) for i in range(m.num_layers)],
         _identity,
         LayerSpec(FinalLayerNormPipe, m.hidden_size, m.layernorm_epsilon, tp_group, sp),
         TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, **embedding, forward_fn=_lm_head,
@@ -70,8 +71,11 @@ def layer_specs(cfg: Config, tp_group=None, seed: int = 0) -> list:
     ]
 
 
-def build_pipeline_model(cfg: Config, state, seed: int):
-    """DeepSpeed ``PipelineModule`` over our parallel state's topology (PP x DP x TP)."""
+def build_pipeline_model(cfg: Config, state, seed: int, rng_tracker=None):
+    """DeepSpeed ``PipelineModule`` over our parallel state's topology (PP x DP x TP).
+
+    With an ``rng_tracker`` its checkpoint function recomputes blocks: DeepSpeed's default one
+    replays only DeepSpeed's own tracker, not ours, and dropout would draw new masks."""
     from deepspeed.pipe import PipelineModule
 
     t = cfg.training
@@ -81,13 +85,15 @@ def build_pipeline_model(cfg: Config, state, seed: int):
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return language_model_loss(logits, labels, fused=fused, tp_group=tp_group)
 
+    extra = {"activation_checkpoint_func": rng_tracker.checkpoint} if rng_tracker is not None else {}
     return PipelineModule(
-        layers=layer_specs(cfg, tp_group, seed),
+        layers=layer_specs(cfg, tp_group, seed, rng_tracker),
         loss_fn=loss_fn,
         topology=state.deepspeed_topology(),
         partition_method=cfg.parallel.pp_partition_method,
         activation_checkpoint_interval=t.checkpoint_num_layers if t.checkpoint_activations else 0,
         checkpointable_layers=[TransformerLayerPipe.__name__],
+        **extra,
     )
 
 

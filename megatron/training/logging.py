@@ -1,8 +1,20 @@
-"""Where metrics go: TensorBoard (Megatron's scalar names), ``metrics.jsonl`` and the console.
+"""Where metrics go: TensorBoard (BLOOM's tags), ``metrics.jsonl`` and the console.
 
 Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step or evaluation with
 floats at full precision (``json`` writes the shortest repr that reads back bit-equal), so two
 runs can be compared exactly and plotted with ``tools/plot_metrics.py``.
+
+TensorBoard gets the tags of the Megatron-DeepSpeed code that trained BLOOM-176B
+(bigscience-workshop/Megatron-DeepSpeed, ``megatron/training.py``: ``training_log`` and
+``evaluate_and_print_results``), so a run opens next to BLOOM's published logs:
+``lm-loss-training/lm loss`` with ``vs samples`` and ``vs tokens`` series,
+``lm-loss-validation/{name}/lm loss validation`` (and ``... validation ppl``) per validation set,
+``valid`` being the blend, ``learning-rate/learning-rate``, ``batch-size/batch-size``,
+``grad-norm/grad-norm``, ``params-norm/params-norm``, ``loss-scale/loss-scale`` (fp16 only),
+``iteration-time/...`` (time, samples and tokens per second, ``TFLOPs per gpu (estimated)``) and
+the ``steps-vs-samples`` / ``steps-vs-tokens`` axes. Series BLOOM did not log keep our names
+under their own group (``skipped-iterations/...``, ``throughput/...``, ``memory/...``).
+The console line is Megatron-DeepSpeed's too.
 """
 
 from __future__ import annotations
@@ -36,16 +48,15 @@ class MetricsLogger:
 
             self._tensorboard = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
 
-    def log(self, step: int, scalars: dict[str, Any], kind: str = "train", samples: Optional[int] = None) -> None:
-        """Record ``scalars`` at ``step`` (and, for TensorBoard, also against consumed samples)."""
+    def log(self, step: int, scalars: dict[str, Any], kind: str = "train", samples: Optional[int] = None,
+            tokens: Optional[int] = None) -> None:
+        """Record ``scalars`` at ``step``; TensorBoard also gets them against consumed samples and
+        tokens, under BLOOM's tags (see :func:`tensorboard_scalars`)."""
         if not self.enabled:
             return
         if self._tensorboard is not None:
-            for name, value in scalars.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tensorboard.add_scalar(name, value, step)
-                    if samples is not None:
-                        self._tensorboard.add_scalar(f"{name} vs samples", value, samples)
+            for tag, value, x in tensorboard_scalars(kind, scalars, step, samples, tokens):
+                self._tensorboard.add_scalar(tag, value, x)
         if self._jsonl is not None:
             record = {"kind": kind, "step": step, **({"samples": samples} if samples is not None else {}), **scalars}
             self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
@@ -57,6 +68,62 @@ class MetricsLogger:
             self._tensorboard.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+# our metrics.jsonl name -> (BLOOM's TensorBoard tag, axes: i = iteration, s = samples, t = tokens)
+_TRAIN_TAGS = {
+    "lm loss": ("lm-loss-training/lm loss", "ist"),
+    "learning-rate": ("learning-rate/learning-rate", "ist"),
+    "batch-size": ("batch-size/batch-size", "is"),
+    "grad-norm": ("grad-norm/grad-norm", "ist"),
+    "params-norm": ("params-norm/params-norm", "ist"),
+    "loss-scale": ("loss-scale/loss-scale", "ist"),
+    "iteration-time": ("iteration-time/iteration-time", "ist"),
+    "samples-per-second": ("iteration-time/samples per second", "i"),
+    "samples-per-second-per-replica": ("iteration-time/samples per second per replica", "i"),
+    "tokens-per-second": ("iteration-time/tokens per second", "i"),
+    "tokens-per-second-per-replica": ("iteration-time/tokens per second per replica", "i"),
+    # BLOOM logged the hardware count (recompute included) under this name.
+    "hardware-tflops-per-device": ("iteration-time/TFLOPs per gpu (estimated)", "i"),
+}
+_SUFFIX = {"s": " vs samples", "t": " vs tokens"}
+
+
+def tensorboard_scalars(kind: str, scalars: dict[str, Any], step: int, samples: Optional[int],
+                        tokens: Optional[int]) -> list[tuple[str, float, int]]:
+    """(tag, value, x) for TensorBoard: BLOOM's Megatron-DeepSpeed tags and axes, finite values only."""
+    axes = {"i": step, "s": samples, "t": tokens}
+    out: list[tuple[str, float, int]] = []
+
+    def add(tag: str, value: Any, which: str) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            for axis in which:
+                if axes[axis] is not None:
+                    out.append((tag + _SUFFIX.get(axis, ""), float(value), int(axes[axis])))
+
+    if kind == "valid":
+        for name, value in scalars.items():
+            # "validation loss" is the blend (Megatron-DeepSpeed's default set name: valid);
+            # "validation/fr ppl" is one language's.
+            head, _, measure = name.rpartition(" ")
+            dataset = "valid" if head == "validation" else head.partition("/")[2]
+            add(f"lm-loss-validation/{dataset}/lm loss validation" + (" ppl" if measure == "ppl" else ""), value, "ist")
+        return out
+    for name, value in scalars.items():
+        if name in _TRAIN_TAGS:
+            tag, which = _TRAIN_TAGS[name]
+            add(tag, value, which)
+        elif name != "consumed-tokens":
+            group = {"tflops-per-device": "throughput", "mfu": "throughput"}.get(name, "memory" if name.startswith("mem-")
+                                                                               else name)
+            add(f"{group}/{name}", value, "is")
+    if samples is not None:
+        out += [("steps-vs-samples/y=steps,x=samples", float(step), samples),
+                ("steps-vs-samples/y=samples,x=steps", float(samples), step)]
+    if tokens is not None:
+        out += [("steps-vs-tokens/y=steps,x=tokens", float(step), tokens),
+                ("steps-vs-tokens/y=tokens,x=steps", float(tokens), step)]
+    return out
 
 
 def console(line: str) -> None:
@@ -86,20 +153,24 @@ class ProgressLines:
             self._next = now + self.every
 
 
-def format_train_line(step: int, total_steps: int, scalars: dict[str, Any]) -> str:
-    """One console line in Megatron's style."""
-    parts = [f"iteration {step:>7d}/{total_steps:>7d}"]
-    keys = [("lm loss", "{:.6e}"), ("learning-rate", "{:.3e}"), ("batch-size", "{:d}"), ("grad-norm", "{:.3f}"),
-            ("skipped-iterations", "{:d}"), ("tokens-per-second", "{:.0f}"), ("tflops-per-device", "{:.2f}"),
-            ("mfu", "{:.3f}")]
-    for key, fmt in keys:
-        if key in scalars and scalars[key] is not None:
-            value = scalars[key]
+def format_train_line(step: int, total_steps: int, scalars: dict[str, Any], consumed_samples: int,
+                      consumed_tokens: int) -> str:
+    """One console line in Megatron-DeepSpeed's format (BLOOM's logs), plus MFU when known."""
+    parts = [f" iteration {step:8d}/{total_steps:8d}", f" consumed samples: {consumed_samples:12d}",
+             f" consumed tokens: {consumed_tokens:12d}"]
+    fields = [("iteration-time", " elapsed time per iteration (s): {:.2f}"), ("learning-rate", " learning rate: {:.3E}"),
+              ("batch-size", " global batch size: {:5d}"), ("lm loss", " lm loss: {:.6E}"),
+              ("loss-scale", " loss scale: {:.1f}"), ("grad-norm", " grad norm: {:.3f}"),
+              ("params-norm", " params norm: {:.3f}"), ("skipped-iterations", " number of skipped iterations: {:3d}"),
+              ("samples-per-second", " samples per second: {:.3f}"),
+              ("hardware-tflops-per-device", " TFLOPs: {:.2f}"), ("mfu", " MFU: {:.3f}")]
+    for key, fmt in fields:
+        if scalars.get(key) is not None:
             try:
-                parts.append(f"{key}: {fmt.format(value)}")
+                parts.append(fmt.format(scalars[key]))
             except (ValueError, TypeError):
-                parts.append(f"{key}: {value}")
-    return " | ".join(parts)
+                parts.append(f"{fmt.split(':')[0]}: {scalars[key]}")
+    return " |".join(parts) + " |"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

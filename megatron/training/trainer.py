@@ -301,14 +301,19 @@ class Trainer:
         }
         scalars.update(throughput(cfg.model, cfg.padded_vocab_size, samples, seconds, self.info.world_size,
                                   cfg.training.checkpoint_activations, cfg.logging.peak_flops_per_device))
+        dp = self.parallel.dp_size
+        scalars["samples-per-second-per-replica"] = scalars["samples-per-second"] / dp
+        scalars["tokens-per-second-per-replica"] = scalars["tokens-per-second"] / dp
         scalars.update(_memory_stats(self.info.device))
-        self.logger.log(s.iteration, scalars, kind="train", samples=s.consumed_samples)
+        self.logger.log(s.iteration, scalars, kind="train", samples=s.consumed_samples, tokens=s.consumed_tokens)
         if self.info.rank == 0:
-            console(format_train_line(s.iteration, self.total_iterations(), scalars))
+            console(format_train_line(s.iteration, self.total_iterations(), scalars, s.consumed_samples,
+                                      s.consumed_tokens))
 
     def _log_eval(self, final: bool = False) -> None:
         results = self.evaluate(final)
-        self.logger.log(self.state.iteration, results, kind="valid", samples=self.state.consumed_samples)
+        self.logger.log(self.state.iteration, results, kind="valid", samples=self.state.consumed_samples,
+                        tokens=self.state.consumed_tokens)
         if self.info.rank == 0 and "validation loss" in results:
             console(f"validation at iteration {self.state.iteration}: loss {results['validation loss']:.4f}, "
                     f"ppl {results['validation ppl']:.2f} (blend; {len(results) // 2 - 1} of "
@@ -342,15 +347,18 @@ def print_samples(cfg: Config, model: torch.nn.Module, tokenizer, device: torch.
         print(f"  {prompt!r} -> {text!r}", flush=True)
 
 
-def build_network(cfg: Config, parallel: ParallelState, device: torch.device) -> torch.nn.Module:
-    """The model for this rank: a PipelineModule when PP > 1, else the TP-aware BLOOM."""
+def build_network(cfg: Config, parallel: ParallelState, device: torch.device,
+                  rng_tracker: Optional[RNGStatesTracker] = None) -> torch.nn.Module:
+    """The model for this rank: a PipelineModule when PP > 1, else the TP-aware BLOOM; dropout
+    draws from ``rng_tracker`` where activations differ across TP ranks."""
     t, p = cfg.training, cfg.parallel
     if parallel.pp_size > 1:
-        return build_pipeline_model(cfg, parallel, cfg.training.seed).to(device)
+        return build_pipeline_model(cfg, parallel, cfg.training.seed, rng_tracker).to(device)
     return build_model(cfg.model, cfg.padded_vocab_size, device=device,
                        tp_group=parallel.tp_group if parallel.tp_size > 1 else None,
                        sequence_parallel=p.sequence_parallel, seed=t.seed,
-                       checkpoint_num_layers=t.checkpoint_num_layers if t.checkpoint_activations else 0)
+                       checkpoint_num_layers=t.checkpoint_num_layers if t.checkpoint_activations else 0,
+                       rng_tracker=rng_tracker)
 
 
 def build_rng_tracker(cfg: Config, parallel: ParallelState, device: torch.device) -> RNGStatesTracker:
@@ -416,7 +424,9 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
     announce(precision, info.rank)
     p = cfg.parallel
     parallel = ParallelState(info.world_size, info.rank, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
-    set_seed(cfg.training.seed)
+    # Megatron's seeds: the default stream differs per pipeline stage (different layers), not per
+    # TP rank (duplicated activations must draw equal masks); the tracker's differs per TP rank.
+    set_seed(model_parallel_seed(cfg.training.seed, parallel.tp_rank, parallel.pp_rank)[0])
     tracker = build_rng_tracker(cfg, parallel, info.device)
     if info.rank == 0 and cfg.logging.run_dir:
         save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
@@ -424,7 +434,7 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
         write_environment(cfg.logging.run_dir, describe_environment(
             cfg, info.world_size, layout, info.device, precision.name, precision.reason))
     data = build_training_data(cfg, parallel)
-    model = build_network(cfg, parallel, info.device)
+    model = build_network(cfg, parallel, info.device, tracker)
     rampup = BatchSizeRampup.from_config(cfg.training)
     checkpointer = Checkpointer(cfg, parallel, tracker)
     weights_only = initial_weights(cfg)

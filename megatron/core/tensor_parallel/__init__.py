@@ -12,7 +12,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region, scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region)
 from megatron.core.tensor_parallel.random import (
-    MODEL_PARALLEL_RNG, RNGStatesTracker, initialize_rng, model_parallel_seed)
+    MODEL_PARALLEL_RNG, RNGStatesTracker, dropout, initialize_rng, model_parallel_region, model_parallel_seed)
 
 __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "SequenceParallelLayerNorm", "VocabParallelEmbedding",
@@ -23,5 +23,6 @@ __all__ = [
     "reduce_scatter_to_sequence_parallel_region", "scatter_to_sequence_parallel_region",
     "scatter_to_tensor_model_parallel_region",
     "vocab_parallel_cross_entropy",
-    "MODEL_PARALLEL_RNG", "RNGStatesTracker", "initialize_rng", "model_parallel_seed",
+    "MODEL_PARALLEL_RNG", "RNGStatesTracker", "dropout", "initialize_rng", "model_parallel_region",
+    "model_parallel_seed",
 ]

@@ -246,18 +246,23 @@ class SequenceParallelLayerNorm(nn.LayerNorm):
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, group: Optional[ProcessGroup] = None,
-                 sequence_parallel: bool = False, device: Optional[torch.device | str] = None):
+                 sequence_parallel: bool = False, device: Optional[torch.device | str] = None,
+                 compute_in_fp32: bool = False):
         super().__init__(hidden_size, eps=eps, device=device)
         self.tp_group = getattr(group, "tp_group", group)
         self.sequence_parallel = sequence_parallel and group_size(self.tp_group) > 1
+        # Normalise in fp32 and cast back (StableEmbedding); a no-op for fp32 inputs.
+        self.compute_in_fp32 = compute_in_fp32
         for param in self.parameters():
             param.sequence_parallel = self.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.sequence_parallel:
-            return super().forward(x)
-        weight = copy_to_tensor_model_parallel_region(self.weight, self.tp_group)
-        bias = copy_to_tensor_model_parallel_region(self.bias, self.tp_group)
+        weight, bias = self.weight, self.bias
+        if self.sequence_parallel:
+            weight = copy_to_tensor_model_parallel_region(weight, self.tp_group)
+            bias = copy_to_tensor_model_parallel_region(bias, self.tp_group)
+        if self.compute_in_fp32 and x.dtype != torch.float32:
+            return F.layer_norm(x.float(), self.normalized_shape, weight.float(), bias.float(), self.eps).to(x.dtype)
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 

@@ -122,6 +122,28 @@ class RNGStatesTracker:
                                                  context_fn=lambda: (contextlib.nullcontext(), replay()))
 
 
+def model_parallel_region(tracker: Optional[RNGStatesTracker], active: bool = True):
+    """The context for random draws on activations that differ across TP ranks: the tracker's
+    model-parallel stream when there is a tracker (and ``active``), the default stream otherwise.
+
+    Which activations: attention probabilities (each TP rank holds its own heads) and, under
+    sequence parallelism, the hidden states (each rank holds its own tokens). Activations that
+    are duplicated across TP ranks draw from the default stream, seeded alike on every TP rank,
+    so their dropout masks agree and the duplicates stay identical.
+    """
+    return tracker.fork() if tracker is not None and active else contextlib.nullcontext()
+
+
+def dropout(x: torch.Tensor, p: float, training: bool, tracker: Optional[RNGStatesTracker] = None,
+            model_parallel: bool = False) -> torch.Tensor:
+    """``F.dropout`` drawing its mask from the right stream: the model-parallel one when
+    ``model_parallel`` (the activation differs across TP ranks), else the default one."""
+    if not training or p == 0.0:
+        return x
+    with model_parallel_region(tracker, model_parallel):
+        return torch.nn.functional.dropout(x, p, True)
+
+
 def initialize_rng(seed: int, tp_rank: int = 0, pp_rank: int = 0,
                    device: Optional[torch.device | str] = None) -> RNGStatesTracker:
     """Seed the default generators (CPU and all GPUs) and return a tracker with the TP stream.
