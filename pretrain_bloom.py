@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--world-size", type=int, default=None,
                         help="number of ranks to plan for in --dry-run (default: $WORLD_SIZE or TP x PP)")
+    parser.add_argument("--check-data", action="store_true",
+                        help="with --dry-run: also check that every dataset prefix and the tokenizer exist and "
+                             "agree, and fail (exit 2) listing every problem")
     return parser.parse_args(argv)
 
 
@@ -57,6 +60,22 @@ def dry_run(cfg: Config, world_size: int) -> None:
     print(format_memory_table(estimate_memory(cfg, world_size)))
 
 
+def check_data_before_launch(cfg: Config, asked: bool) -> int:
+    """The dry run's data line: checked (exit 2 on any problem, all listed) or said to be skipped."""
+    n = len(cfg.data.datasets)
+    if not asked:
+        print(f"data: not checked ({n} dataset prefixes and the tokenizer; add --check-data to verify them)")
+        return 0
+    from megatron.data.check import check_data, format_problems
+
+    problems = check_data(cfg.data)
+    if problems:
+        print(format_problems(problems), file=sys.stderr)
+        return 2
+    print(f"data: {n} dataset prefixes and the tokenizer checked, they exist and agree")
+    return 0
+
+
 def _record(fn):
     """torchrun's error recording: a failing rank's traceback lands in $TORCHELASTIC_ERROR_FILE."""
     from torch.distributed.elastic.multiprocessing.errors import record
@@ -77,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or (
                 p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
             dry_run(cfg, world_size)
-            return 0
+            return check_data_before_launch(cfg, args.check_data)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -152,6 +152,10 @@ class DataConfig:
 
     tokenizer: Optional[str] = None
     datasets: list[DatasetSpec] = field(default_factory=list)
+    # A YAML file whose ``datasets:`` list is used as ``datasets`` (configs/data/ holds BLOOM's
+    # ROOTS blend and the demo corpus's); relative to the config file's directory, else to the
+    # current one. Read when the config is loaded: a saved config.yaml lists the datasets.
+    datasets_file: Optional[str] = None
     alpha: Optional[float] = None  # weights from token counts as p_i^alpha when set
     split: str = "969,30,1"
     num_workers: int = 2
@@ -532,11 +536,35 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     values = apply_overrides(values, overrides or [])
     try:
+        _expand_datasets_file(values, Path(path).parent if path is not None else Path("."))
         return config_from_dict(values, source).validate()
     except ConfigError as exc:
         if str(exc).startswith(source):
             raise
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _expand_datasets_file(values: dict[str, Any], base: Path) -> None:
+    """Replace ``data.datasets_file`` by the ``datasets`` list of that file, in place."""
+    data = values.get("data")
+    if not isinstance(data, dict) or not data.get("datasets_file"):
+        return
+    name = str(data["datasets_file"])
+    if data.get("datasets"):
+        raise ConfigError(f"data.datasets and data.datasets_file ({name}) are both set: keep one "
+                          "(--set data.datasets_file=null to list datasets yourself)")
+    candidates = [base / name, Path(name)] if not Path(name).is_absolute() else [Path(name)]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ConfigError(f"data.datasets_file {name}: no such file (looked in {', '.join(map(str, candidates))})")
+    try:
+        body = yaml.safe_load(found.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"data.datasets_file {found}: cannot be read as YAML: {exc}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("datasets"), list):
+        raise ConfigError(f"data.datasets_file {found}: expected a mapping with a 'datasets' list of "
+                          "{name, prefix, weight} entries")
+    data["datasets"], data["datasets_file"] = body["datasets"], None
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -130,8 +130,12 @@ bloom_launch() {
          "$nodes node(s) x $PROCS_PER_NODE process(es), rendezvous $master_addr:$master_port," \
          "${minutes_left:-unlimited} minute(s) left, logs in $log_dir"
 
-    # Check the config over the whole world size before starting anything on the nodes.
-    "$python" pretrain_bloom.py --config "$CONFIG" ${overrides[@]+"${overrides[@]}"} "$@" --dry-run --world-size "$world_size"
+    # Check the config over the whole world size, and the data (every prefix and the tokenizer),
+    # before starting anything on the nodes; a DRY_RUN off the cluster plans without the data.
+    local check_data=(--check-data)
+    [[ -z "${DRY_RUN:-}" ]] || check_data=()
+    "$python" pretrain_bloom.py --config "$CONFIG" ${overrides[@]+"${overrides[@]}"} "$@" --dry-run \
+        --world-size "$world_size" ${check_data[@]+"${check_data[@]}"}
 
     # srun: one task per node, each a torchrun that starts the node's ranks.
     #   --kill-on-bad-exit=1  a rank (torchrun) that fails ends the whole job instead of leaving

@@ -121,7 +121,7 @@ def overrides(root: Path, corpus) -> list[str]:
     """The tiny config on the synthetic corpus, a fixed number of steps, everything under ``root``."""
     datasets = ", ".join(f"{{name: {d['name']}, prefix: {d['prefix']}}}" for d in corpus)
     sets = [
-        f"data.datasets=[{datasets}]", "data.tokenizer=null", "training.train_samples=null",
+        f"data.datasets=[{datasets}]", "data.datasets_file=null", "data.tokenizer=null", "training.train_samples=null",
         # fp32 whatever the CPU: the test compares losses bit for bit, an fp32 invariant. Steps
         # of a fixed size, whatever the demo's schedule: the signal's timing depends on them.
         f"training.train_iters={STEPS}", "training.bf16=false", "training.micro_batch_size=4",

@@ -251,6 +251,32 @@ def group_shares_pct() -> dict[str, float]:
     return dict(_raw()["group_shares_pct"])
 
 
+# BLOOM paper (Le Scao et al., 2022), table 1, as bigscience-workshop/xmtf's plotting code
+# lists it: "Programming Languages ... 174,700,245,772" bytes of 1,614,479,114,961 in all.
+ROOTS_CODE_BYTES = 174_700_245_772
+ROOTS_TOTAL_BYTES = 1_614_479_114_961
+
+
+def bloom_mixture_weights() -> dict[str, float]:
+    """BLOOM's training mixture as blend weights summing to 1, language code -> weight.
+
+    The programming languages share the code portion of ROOTS (174.7 GB of 1.61 TB, 10.82%) in
+    proportion to their file counts, the only per-language figure BigScience published for code.
+    The natural languages share the rest in proportion to their ``bloom_share_pct``, which come
+    from several sources and do not add up to exactly the remaining 89.18%.
+    """
+    natural = {lang.code: lang.bloom_share_pct for lang in natural_languages()}
+    missing = [code for code, share in natural.items() if share is None]
+    if missing:
+        raise ValueError(f"languages.json: no bloom_share_pct for {missing}")
+    code = programming_languages()
+    files = sum(lang.bloom_files for lang in code)
+    code_fraction = ROOTS_CODE_BYTES / ROOTS_TOTAL_BYTES
+    natural_total = sum(natural.values())
+    return {**{name: (1.0 - code_fraction) * share / natural_total for name, share in natural.items()},
+            **{lang.code: code_fraction * lang.bloom_files / files for lang in code}}
+
+
 def demo_corpus_files(root: str | Path, *, include_missing: bool = False) -> dict[str, Path]:
     """Map language code -> path of its ``.jsonl.gz`` in a corpus directory laid out like
     ``data/corpus`` (``natural/<code>.jsonl.gz``, ``code/<code>.jsonl.gz``).

@@ -17,6 +17,7 @@ import torch
 from megatron.config import Config
 from megatron.core.parallel_state import ParallelState
 from megatron.data.blended_dataset import build_blended_datasets
+from megatron.data.check import check_data, format_problems
 from megatron.data.sampler import build_data_loader
 from megatron.data.tokenizer import load_tokenizer
 from megatron.training.schedules import BatchSizeRampup, total_train_samples
@@ -81,6 +82,9 @@ def build_training_data(cfg: Config, parallel: ParallelState) -> TrainingData:
     if not d.datasets:
         raise ValueError("data.datasets is empty: list the preprocessed .bin/.idx prefixes to train on "
                          "(see configs/tiny.yaml and tools/preprocess_data.py)")
+    problems = check_data(d)  # every missing or mismatched file in one message, not the first only
+    if problems:
+        raise ValueError(format_problems(problems))
     tokenizer = load_tokenizer(d.tokenizer) if d.tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.padded_vocab_size:
         raise ValueError(f"tokenizer {d.tokenizer} has {tokenizer.vocab_size} tokens but the model's padded "
