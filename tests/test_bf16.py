@@ -15,8 +15,7 @@ from conftest import REPO
 from launch import run_command, run_ranks
 from megatron.config import config_from_dict
 from megatron.training.logging import read_metrics
-from test_training import poisoned_worker
-from training_utils import tiny_run, train_losses
+from training_utils import poisoned_worker, tiny_run, train_losses
 
 pytestmark = pytest.mark.distributed
 STEPS = 20

@@ -9,7 +9,7 @@ import pytest
 from launch import run_ranks
 from megatron.config import config_from_dict
 from megatron.training.logging import read_metrics
-from training_utils import tiny_run, train_losses
+from training_utils import poisoned_worker, tiny_run, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -67,30 +67,6 @@ def test_rampup_changes_the_batch_size(corpus, tmp_path):
     # +2 every 8 consumed samples: after 0, 4, 8, 14, 20, ... samples
     assert sizes == [4, 4, 6, 6, 8, 8, 8, 8]
     assert result["consumed"] == sum(sizes)
-
-
-def poisoned_worker(rank: int, body: dict, poison_calls: list[int]) -> dict:
-    """Train with NaN injected into the logits of the given forward calls (micro-batches)."""
-    import megatron.training.trainer as trainer_module
-    from megatron.model import bloom
-
-    calls = {"n": 0}
-    original = bloom.BloomForCausalLM.forward
-
-    def forward(self, input_ids):
-        logits = original(self, input_ids)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] in poison_calls:
-                logits = logits * float("nan")
-        return logits
-
-    bloom.BloomForCausalLM.forward = forward
-    try:
-        state = trainer_module.pretrain(config_from_dict(body))
-        return {"skipped": state.skipped_iterations, "iteration": state.iteration}
-    except trainer_module.TooManySkippedSteps as exc:
-        return {"error": str(exc)}
 
 
 def test_a_poisoned_batch_is_skipped_and_counted(corpus, single_rank_losses, tmp_path):

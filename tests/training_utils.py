@@ -99,3 +99,28 @@ def gathered_weights(out_dir, world_size: int) -> dict[str, torch.Tensor]:
 def train_losses(run_dir) -> list[float]:
     """The ``lm loss`` of every logged training step of a run, in step order."""
     return [r["lm loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def poisoned_worker(rank: int, body: dict, poison_calls: list[int]) -> dict:
+    """Train with NaN injected into the logits of the given forward calls (micro-batches)."""
+    import megatron.training.trainer as trainer_module
+    from megatron.config import config_from_dict
+    from megatron.model import bloom
+
+    calls = {"n": 0}
+    original = bloom.BloomForCausalLM.forward
+
+    def forward(self, input_ids):
+        logits = original(self, input_ids)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in poison_calls:
+                logits = logits * float("nan")
+        return logits
+
+    bloom.BloomForCausalLM.forward = forward
+    try:
+        state = trainer_module.pretrain(config_from_dict(body))
+        return {"skipped": state.skipped_iterations, "iteration": state.iteration}
+    except trainer_module.TooManySkippedSteps as exc:
+        return {"error": str(exc)}

@@ -27,14 +27,14 @@ from megatron.config import DataConfig
 DOCUMENTS_READ = 8  # per dataset: enough to see the end-of-document convention
 
 
-def check_data(data: DataConfig) -> list[str]:
-    """Every problem with ``data``'s tokenizer and dataset prefixes, one line each (empty: fine)."""
+def check_data(data: DataConfig, tokenizer=None) -> list[str]:
+    """Every problem with ``data``'s tokenizer and dataset prefixes, one line each (empty: fine).
+    ``tokenizer``: ``data.tokenizer`` already loaded by the caller (else it is loaded here)."""
     from megatron.data.indexed_dataset import IndexedDatasetError, MMapIndexedDataset
     from megatron.data.tokenizer import load_tokenizer
 
     problems: list[str] = []
-    tokenizer = None
-    if data.tokenizer:
+    if tokenizer is None and data.tokenizer:
         try:
             tokenizer = load_tokenizer(data.tokenizer)
         except (OSError, ValueError) as exc:

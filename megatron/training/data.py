@@ -82,10 +82,13 @@ def build_training_data(cfg: Config, parallel: ParallelState) -> TrainingData:
     if not d.datasets:
         raise ValueError("data.datasets is empty: list the preprocessed .bin/.idx prefixes to train on "
                          "(see configs/tiny.yaml and tools/preprocess_data.py)")
-    problems = check_data(d)  # every missing or mismatched file in one message, not the first only
+    try:
+        tokenizer = load_tokenizer(d.tokenizer) if d.tokenizer else None
+    except (OSError, ValueError):
+        tokenizer = None  # check_data reports it, with every other problem
+    problems = check_data(d, tokenizer)  # every missing or mismatched file in one message, not the first only
     if problems:
         raise ValueError(format_problems(problems))
-    tokenizer = load_tokenizer(d.tokenizer) if d.tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.padded_vocab_size:
         raise ValueError(f"tokenizer {d.tokenizer} has {tokenizer.vocab_size} tokens but the model's padded "
                          f"vocabulary is {cfg.padded_vocab_size}: set model.vocab_size to {tokenizer.vocab_size}")
