@@ -54,9 +54,11 @@ def make_checkpoint(config: str, root: str, tp: int, dtype: str) -> None:
 
     from megatron.config import load_config, save_config
     from megatron.convert.hf_files import parse_dtype
-    from megatron.convert.layer_files import layer_file_name, module_key_to_layer, write_latest
-    from megatron.convert.layout import split_full
+    from megatron.checkpoint.layer_files import write_layer_file
+    from megatron.checkpoint.resharding import split_full
+    from megatron.checkpoint.store import write_latest
     from megatron.model.bloom import build_model
+    from megatron.model.layout import module_key_to_layer
 
     cfg = load_config(config, overrides=[f"parallel.tensor_model_parallel_size={tp}"])
     target = parse_dtype(dtype) or torch.float32
@@ -70,8 +72,7 @@ def make_checkpoint(config: str, root: str, tp: int, dtype: str) -> None:
     out.mkdir(parents=True)
     for index, tensors in by_layer.items():
         for rank in range(tp):
-            torch.save({k: split_full(k, t, rank, tp).clone() for k, t in tensors.items()},
-                       out / layer_file_name(index, rank))
+            write_layer_file(out, index, rank, {k: split_full(k, t, rank, tp) for k, t in tensors.items()})
         del tensors
     write_latest(root, "global_step1")
     save_config(cfg, Path(root) / "config.yaml")

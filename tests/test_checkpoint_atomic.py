@@ -11,7 +11,8 @@ import torch
 
 from launch import run_ranks
 from megatron.checkpoint.checkpointing import Checkpointer
-from megatron.checkpoint.layout import checkpoint_tag, flat_name, pipeline_name, split_into_layers
+from megatron.checkpoint.layout import checkpoint_tag
+from megatron.model.layout import flat_name, pipeline_name, split_into_layers
 from megatron.checkpoint.store import (
     CheckpointStore, atomic_write_text, check_torch_file, checkpoints_to_delete, new_temporary_tag, verify_checkpoint)
 from megatron.config import config_from_dict

@@ -20,10 +20,11 @@ from transformers import BloomForCausalLM
 from launch import run_ranks
 from megatron.config import config_from_dict, save_config
 from megatron.convert.from_hf import import_from_hf
-from megatron.convert.layer_files import LAYER_FILE_PATTERN, load_tensor_file
+from megatron.checkpoint.layer_files import load_tensor_file
+from megatron.checkpoint.layout import LAYER_FILE_PATTERN
 from megatron.convert.to_hf import export_to_hf
 from megatron.model.bloom import build_model
-from megatron.model.pipeline import pipeline_to_model_name
+from megatron.model.layout import flat_name
 from test_convert_hf import random_hf_model, safetensors_dict
 from training_utils import VOCAB, synthetic_corpus, tiny_run
 
@@ -32,7 +33,7 @@ STEPS = 3
 
 
 def _train_worker(rank: int, body: dict, out: str) -> None:
-    from megatron.convert.layer_files import save_layer_files
+    from megatron.checkpoint.layer_files import save_layer_files
     from megatron.training.trainer import pretrain
 
     layers = body["model"]["num_layers"]
@@ -45,7 +46,7 @@ def _train_worker(rank: int, body: dict, out: str) -> None:
         for name, param in engine.module.named_parameters():
             if name.startswith("tied_modules.") and not parallel.is_pipeline_first_stage():
                 continue
-            local[pipeline_to_model_name(name, layers)] = (param.detach().clone(),
+            local[flat_name(name, layers)] = (param.detach().clone(),
                                                            getattr(param, "tensor_model_parallel", False),
                                                            getattr(param, "partition_dim", -1))
         torch.save({"tp_rank": parallel.tp_rank, "weights": local}, f"{out}/rank{rank}.pt")
@@ -135,7 +136,7 @@ def test_export_of_a_trainer_checkpoint_without_pipeline(tmp_path):
 def _forward_worker(rank: int, body: dict, tp2_dir: str, tp1_dir: str, tokens: torch.Tensor):
     import torch.distributed as dist
 
-    from megatron.convert.layer_files import load_layer_files_into
+    from megatron.checkpoint.layer_files import load_layer_files_into
     from megatron.core.distributed import init_distributed, shutdown_distributed
     from megatron.core.parallel_state import ParallelState
     from megatron.model.bloom import language_model_loss

@@ -21,10 +21,10 @@ from transformers import (AutoTokenizer, BloomConfig, BloomForCausalLM, BloomFor
                           BloomForSequenceClassification, BloomForTokenClassification, BloomModel)
 
 from megatron.config import Config, ModelConfig, save_config
-from megatron.convert.errors import ConversionError
+from megatron.errors import ConversionError
 from megatron.convert.from_hf import import_from_hf
 from megatron.convert.hf_mapping import hf_to_ours_state_dict
-from megatron.convert.layer_files import load_layer_files_into
+from megatron.checkpoint.layer_files import load_layer_files_into
 from megatron.convert.to_hf import export_to_hf, resolve_config
 from megatron.data.tokenizer import load_tokenizer
 from megatron.model.bloom import build_model

@@ -9,11 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron.convert.errors import ConversionError
-from megatron.convert.layer_files import (LayerFileSet, checkpoint_step, is_layer_files_only, load_layer_files_into,
-                                          load_tensor_file, module_key_to_layer, read_merged_layer,
-                                          resolve_checkpoint_dir, save_layer_files, write_latest)
-from megatron.convert.layout import BLOCK_KEYS, EMBEDDING_KEYS, layer_indices, merge_shards, partition_dim, split_full
+from megatron.checkpoint.layer_files import (LayerFileSet, is_layer_files_only, load_layer_files_into,
+                                             load_tensor_file, read_merged_layer, resolve_checkpoint_dir,
+                                             save_layer_files)
+from megatron.checkpoint.layout import iteration_of
+from megatron.checkpoint.resharding import merge_shards, split_full
+from megatron.checkpoint.store import write_latest
+from megatron.errors import ConversionError
+from megatron.model.layout import (BLOCK_KEYS, EMBEDDING_KEYS, hf_name_to_layer_key, layer_indices,
+                                   layer_key_to_hf_name, module_key_to_layer, partition_dim)
 from megatron.convert.safetensors_stream import (SafetensorsReader, ShardedSafetensorsWriter, TensorPlan, parse_size,
                                                  plan_shards)
 from megatron.model.bloom import build_model
@@ -46,8 +50,6 @@ def test_module_names_map_to_megatron_deepspeed_layer_indices():
     assert module_key_to_layer("tied_modules.embed.word_embeddings.weight", 24) == (1, "word_embeddings.weight")
     assert module_key_to_layer("17.self_attention.dense.bias", 24) == (17, "self_attention.dense.bias")
     assert layer_indices(2) == [1, 3, 4, 6]
-    from megatron.convert.hf_mapping import hf_name_to_layer_key, layer_key_to_hf_name
-
     for hf_name, layer in (("transformer.h.3.mlp.dense_4h_to_h.bias", (6, "mlp.dense_4h_to_h.bias")),
                            ("word_embeddings_layernorm.weight", (1, "word_embeddings.norm.weight")),
                            ("transformer.ln_f.bias", (28, "bias"))):
@@ -70,7 +72,7 @@ def test_save_layer_files_follows_the_contract_and_loads_back(tmp_path):
     assert is_layer_files_only(tmp_path / "ours" / "global_step1")
     (tmp_path / "ours" / "global_step1" / "mp_rank_00_model_states.pt").write_bytes(b"")
     assert not is_layer_files_only(tmp_path / "ours" / "global_step1")
-    assert checkpoint_step(tmp_path / "ours") is None
+    assert iteration_of(tmp_path / "ours") is None
     for name, tensor in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
 

@@ -17,7 +17,7 @@ import torch
 
 from conftest import CONFIGS, REPO
 from megatron.config import load_config, save_config
-from megatron.convert.layer_files import write_latest
+from megatron.checkpoint.store import write_latest
 from megatron.training.environment import (ENVIRONMENT_FILE, describe_environment, git_state, read_environment,
                                            write_environment)
 from megatron.utils.atomic import atomic_path

@@ -33,7 +33,7 @@ def test_legacy_checkpoint_resumes_bit_for_bit(tmp_path, corpus):
 
 
 def test_legacy_layer_files_load_into_the_model(tmp_path):
-    from megatron.convert.layer_files import load_layer_files_into
+    from megatron.checkpoint.layer_files import load_layer_files_into
     from megatron.config import config_from_dict
     from megatron.model.bloom import BloomForCausalLM
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder
-from megatron.model.pipeline import pipeline_to_model_name
+from megatron.model.layout import flat_name
 from megatron.training.logging import read_metrics
 
 VOCAB = 256
@@ -68,7 +68,7 @@ def save_local_weights(path, num_layers: int):
         for name, param in engine.module.named_parameters():
             if pipelined and name.startswith("tied_modules.") and not parallel.is_pipeline_first_stage():
                 continue  # the head's copy of the embedding module: its LayerNorm is unused there
-            full_name = pipeline_to_model_name(name, num_layers) if pipelined else name
+            full_name = flat_name(name, num_layers) if pipelined else name
             weights[full_name] = (param.detach().float().clone(), getattr(param, "tensor_model_parallel", False),
                                   getattr(param, "partition_dim", -1))
         torch.save({"tp_rank": parallel.tp_rank, "dp_rank": parallel.dp_rank, "weights": weights},

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Sequence
 
 try:
-    from megatron.convert.errors import ConversionError
+    from megatron.errors import ConversionError
     from megatron.utils.terminal import show_progress
 except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from megatron.convert.errors import ConversionError
+    from megatron.errors import ConversionError
     from megatron.utils.terminal import show_progress
 
 

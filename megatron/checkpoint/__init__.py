@@ -2,7 +2,9 @@
 
 * ``checkpointing``: :class:`Checkpointer`, the save / find / convert / load sequence a run uses;
 * ``store``: the directory on disk (atomic commit, manifest checks, ``latest``, retention);
-* ``layout``: file and parameter names (BLOOM's pipeline layer indices);
+* ``layout``: the names of checkpoint folders and files;
+* ``layer_files``: reading and writing ``layer_XX-model_YY-model_states.pt``, filling modules from them;
+* ``resharding``: merging and splitting tensor-parallel shards of layer-file tensors;
 * ``rng``: every random stream of every rank;
 * ``universal``: conversion to DeepSpeed's universal checkpoint for another TP/PP/DP layout.
 """

@@ -38,12 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 import torch.distributed as dist
 
 from megatron.checkpoint import universal
-from megatron.checkpoint.layout import (
-    checkpoint_tag, layer_file_name, split_into_layers, universal_tag)
+from megatron.checkpoint.layer_files import save_layer_files
+from megatron.checkpoint.layout import checkpoint_tag, universal_tag
 from megatron.checkpoint.rng import capture_rng_state, gather_data_parallel, reseed, restore_rng_state
 from megatron.checkpoint.store import CheckpointInfo, CheckpointStore, new_temporary_tag
 from megatron.config import Config
@@ -175,14 +174,7 @@ class Checkpointer:
             # ZeRO-3 holds shards of every parameter; gathering is collective over all ranks.
             gathered = deepspeed.zero.GatheredParameters(list(module.parameters()))
         with gathered:
-            if self.parallel.dp_rank != 0:
-                return
-            layers = split_into_layers(module.state_dict(), self.cfg.model.num_layers)
-            for index, layer_state in layers.items():
-                # ZeRO keeps parameters as views into flat buffers, and torch.save writes a view's
-                # whole buffer: copy each tensor (to the CPU, as DeepSpeed's layer files hold).
-                copies = {name: tensor.detach().to("cpu", copy=True) for name, tensor in layer_state.items()}
-                torch.save(copies, directory / layer_file_name(index, self.parallel.tp_rank))
+            save_layer_files(module, directory, self.parallel, self.cfg.model.num_layers)
 
     # -- resuming -----------------------------------------------------------------------------
 

@@ -10,25 +10,17 @@
     {save}/global_step{N}_universal/                   the same step, converted to DeepSpeed's
                                                        universal format for another layout
 
-Layer indices are BLOOM's pipeline indices (megatron/model/pipeline.py): embedding 1, block i
-at i + 3, final LayerNorm at L + 4. With a pipeline, DeepSpeed's ``PipelineModule`` writes the
-layer files itself; without one, :func:`split_into_layers` cuts the single-module state dict
-into the same files, so every checkpoint has the same model files whatever the layout.
-
-Parameter names differ between the two engines (``layers.0.mlp...`` in the single module,
-``3.mlp...`` in the pipeline, ``tied_modules.embed...`` for the tied embedding);
-:func:`pipeline_name` and :func:`flat_name` translate between them.
+XX is BLOOM's pipeline layer index (megatron/model/layout.py). With a pipeline, DeepSpeed's
+``PipelineModule`` writes the layer files itself; without one, megatron/checkpoint/layer_files.py
+writes the same files, so every checkpoint has the same model files whatever the layout.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Optional
-
-import torch
-
-from megatron.model.bloom import EMBEDDING_LAYER_INDEX, FIRST_BLOCK_LAYER_INDEX
-from megatron.model.pipeline import TIED_EMBEDDING_KEY, final_layernorm_index, pipeline_to_model_name
 
 TAG_PREFIX = "global_step"
 TAG_PATTERN = re.compile(rf"^{TAG_PREFIX}(\d+)$")
@@ -36,6 +28,7 @@ UNIVERSAL_SUFFIX = "_universal"
 LATEST_FILE = "latest"
 LATEST_ITERATION_FILE = "latest_checkpointed_iteration.txt"  # Megatron's name
 MANIFEST_FILE = "manifest.json"
+LAYER_FILE_PATTERN = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 
 
 def checkpoint_tag(iteration: int) -> str:
@@ -43,9 +36,9 @@ def checkpoint_tag(iteration: int) -> str:
     return f"{TAG_PREFIX}{iteration}"
 
 
-def iteration_of(tag: str) -> Optional[int]:
-    """The iteration in a ``global_stepN`` name, or None for any other name."""
-    match = TAG_PATTERN.match(tag)
+def iteration_of(tag: str | os.PathLike) -> Optional[int]:
+    """N of a ``global_stepN`` name (or a path ending in one); None for any other name."""
+    match = TAG_PATTERN.match(Path(tag).name)
     return int(match.group(1)) if match else None
 
 
@@ -59,49 +52,7 @@ def layer_file_name(layer_index: int, tp_rank: int) -> str:
     return f"layer_{layer_index:02d}-model_{tp_rank:02d}-model_states.pt"
 
 
-def split_into_layers(state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[int, dict[str, torch.Tensor]]:
-    """Cut the single-module state dict into pipeline layers, keys relative to each layer.
-
-    ``embedding.word_embeddings.weight`` becomes ``word_embeddings.weight`` of layer 1,
-    ``layers.i.input_layernorm.weight`` becomes ``input_layernorm.weight`` of layer i + 3 and
-    ``final_layernorm.weight`` becomes ``weight`` of layer L + 4: exactly the keys the
-    pipeline's own layer files hold.
-    """
-    layers: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in state_dict.items():
-        index, key = _layer_of(name, num_layers)
-        layers.setdefault(index, {})[key] = tensor
-    return dict(sorted(layers.items()))
-
-
-def _layer_of(name: str, num_layers: int) -> tuple[int, str]:
-    if name.startswith("embedding."):
-        return EMBEDDING_LAYER_INDEX, name[len("embedding."):]
-    if name.startswith("final_layernorm."):
-        return final_layernorm_index(num_layers), name[len("final_layernorm."):]
-    if name.startswith("layers."):
-        block, key = name[len("layers."):].split(".", 1)
-        return FIRST_BLOCK_LAYER_INDEX + int(block), key
-    raise KeyError(f"model parameter {name!r} belongs to no pipeline layer: update megatron/checkpoint/layout.py "
-                   "when adding modules to BloomForCausalLM")
-
-
-def flat_name(pipeline_parameter: str, num_layers: int) -> str:
-    """Single-module name of a ``PipelineModule`` parameter (``3.mlp...`` -> ``layers.0.mlp...``)."""
-    name = pipeline_to_model_name(pipeline_parameter, num_layers)
-    if name is None:
-        raise KeyError(f"pipeline parameter {pipeline_parameter!r} has no single-module name")
-    return name
-
-
-def pipeline_name(flat_parameter: str, num_layers: int) -> str:
-    """``PipelineModule`` name of a single-module parameter (inverse of :func:`flat_name`)."""
-    index, key = _layer_of(flat_parameter, num_layers)
-    if index == EMBEDDING_LAYER_INDEX:
-        return f"tied_modules.{TIED_EMBEDDING_KEY}.{key}"
-    return f"{index}.{key}"
-
-
-def is_pipeline_name(name: str) -> bool:
-    """Whether ``name`` is in the pipeline's naming (``tied_modules.*`` or ``<index>.*``)."""
-    return name.startswith("tied_modules.") or name.split(".", 1)[0].isdigit()
+def parse_layer_file_name(name: str) -> Optional[tuple[int, int]]:
+    """(layer index, TP rank) of a layer file's name; None for any other name."""
+    match = LAYER_FILE_PATTERN.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None

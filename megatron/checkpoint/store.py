@@ -85,6 +85,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
+def write_latest(directory: str | os.PathLike, tag: str) -> None:
+    """Point ``directory/latest`` at ``tag``, atomically; all an import or a layer-files-only
+    checkpoint needs (see :meth:`CheckpointStore.write_latest` for a training checkpoint)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(directory) / LATEST_FILE, tag)
+
+
 def new_temporary_tag(tag: str) -> str:
     """A fresh name to write checkpoint ``tag`` under until it is complete."""
     return f"{tag}.tmp-{uuid.uuid4().hex[:12]}"
@@ -239,7 +246,7 @@ class CheckpointStore:
 
     def write_latest(self, tag: str) -> None:
         """Point ``latest`` (DeepSpeed) and ``latest_checkpointed_iteration.txt`` (Megatron) at ``tag``."""
-        atomic_write_text(self.directory / LATEST_FILE, tag)
+        write_latest(self.directory, tag)
         atomic_write_text(self.directory / LATEST_ITERATION_FILE, str(iteration_of(tag)))
 
     def apply_retention(self, keep_last: Optional[int], keep_every: Optional[int]) -> list[str]:

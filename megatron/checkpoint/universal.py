@@ -7,7 +7,8 @@ unsharded tensor, from which an engine of any layout takes its slices when built
 ``{"checkpoint": {"load_universal": true}}``.
 
 Merging TP slices needs to know each parameter's kind, which the checkpoint must carry as the
-client state ``universal_checkpoint_info`` (:func:`universal_checkpoint_info`):
+client state ``universal_checkpoint_info`` (:func:`universal_checkpoint_info`), whose patterns
+megatron/model/layout.py derives from its partition-dimension table:
 
 * TP-replicated (LayerNorms, row-parallel biases): every TP rank holds the whole tensor; take
   one copy. Without this rule, loading at another TP fails with "full param numel ... !=
@@ -43,9 +44,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from megatron.checkpoint.layout import flat_name, is_pipeline_name, pipeline_name
 from megatron.checkpoint.store import atomic_write_text
 from megatron.config import Config
+from megatron.model.layout import (flat_name, is_pipeline_name, name_patterns, pipeline_name,
+                                   pipeline_replicated_pattern, vocabulary_pattern)
 
 UNIVERSAL_MARKER = "universal.json"  # written last: the conversion is complete
 
@@ -54,24 +56,14 @@ def universal_checkpoint_info(cfg: Config) -> dict[str, Any]:
     """The ``universal_checkpoint_info`` client state for BLOOM's parameters (see module docstring)."""
     from deepspeed.checkpoint import constants as c
 
-    replicated = [
-        r".*input_layernorm\.(weight|bias)$",
-        r".*post_attention_layernorm\.(weight|bias)$",
-        r".*self_attention\.dense\.bias$",
-        r".*mlp\.dense_4h_to_h\.bias$",
-        # The final LayerNorm: ``final_layernorm.*`` in the single module, ``<L+4>.*`` in the pipeline.
-        r"(final_layernorm|\d+)\.(weight|bias)$",
-    ]
-    if cfg.model.embed_layernorm:
-        replicated.append(r".*word_embeddings\.norm\.(weight|bias)$")
+    embed_layernorm = cfg.model.embed_layernorm
     padded = cfg.padded_vocab_size
     return {
         c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        c.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
-        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*self_attention\.dense\.weight$",
-                                                    r".*mlp\.dense_4h_to_h\.weight$"],
-        c.VOCABULARY_PARAMETER_PATTERNS: [r".*word_embeddings\.weight$"],
-        c.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [r"tied_modules\."],
+        c.TP_REPLICATED_PARAMETER_PATTERNS: name_patterns(embed_layernorm, split_on=None),
+        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: name_patterns(embed_layernorm, split_on=1),
+        c.VOCABULARY_PARAMETER_PATTERNS: [vocabulary_pattern()],
+        c.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [pipeline_replicated_pattern()],
         c.ORIGINAL_VOCAB_SIZE: padded,
         c.PADDED_VOCAB_SIZE: padded,
     }

@@ -13,7 +13,7 @@ one file or shards listed in a ``*.index.json``; ``.bin`` files are loaded with
 
 Layer files are all a pipeline checkpoint is made of per stage, so PP changes no file; it is
 recorded in config.yaml. Training continues from these files with
-``megatron.convert.layer_files.load_layer_files_into`` (module weights only, fresh optimizer).
+``megatron.checkpoint.layer_files.load_layer_files_into`` (module weights only, fresh optimizer).
 Tensors are read lazily (one at a time from safetensors, memory-mapped from .bin), each layer
 is cast, split and written, then freed. Output goes to ``OUTPUT.tmp`` first and is renamed at
 the end.
@@ -34,13 +34,16 @@ import torch
 from tqdm import tqdm
 
 from megatron.config import Config, ConfigError, load_config, save_config
-from megatron.convert.errors import ConversionError
+from megatron.errors import ConversionError
 from megatron.convert.hf_files import model_shape_from_hf, parse_dtype, read_hf_config
-from megatron.convert.hf_mapping import HF_PREFIX, is_tied_head, layer_key_to_hf_name
-from megatron.convert.layer_files import checkpoint_tag, layer_file_name, load_tensor_file, write_latest
-from megatron.convert.layout import EMBEDDING_INDEX, full_shapes, layer_indices, split_full
+from megatron.checkpoint.layer_files import load_tensor_file, write_layer_file
+from megatron.checkpoint.layout import checkpoint_tag
+from megatron.checkpoint.resharding import split_full
+from megatron.checkpoint.store import write_latest
+from megatron.convert.output import prepare_output, publish
 from megatron.convert.safetensors_stream import SafetensorsReader
-from megatron.convert.to_hf import _prepare_output, _publish
+from megatron.model.layout import (EMBEDDING_INDEX, HF_PREFIX, HF_TIED_HEAD, VOCABULARY_KEY, full_shapes,
+                                   is_tied_head, layer_indices, layer_key_to_hf_name)
 from megatron.core.parallel_state import validate_layout
 
 _WEIGHT_FILES = (("model.safetensors.index.json", True), ("model.safetensors", False),
@@ -141,13 +144,6 @@ class ImportSummary:
     num_parameters: int
     seconds: float
     config: Config
-
-
-def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``, copied when it is a view into a larger storage (torch.save would write it all)."""
-    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _check_weights(weights: HFWeights, shape: dict, where: str) -> None:
@@ -251,7 +247,7 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: 
     cfg = training_config(shape, tp, pp, output, base_config,
                           output / "tokenizer.json" if tokenizer_vocab is not None else None, tokenizer_vocab)
 
-    tmp = _prepare_output(output, overwrite)
+    tmp = prepare_output(output, overwrite)
     tag = checkpoint_tag(step)
     ckpt_dir = tmp / tag
     ckpt_dir.mkdir()
@@ -263,9 +259,9 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: 
             for key in full_shapes(cfg.model, padded, index):
                 name = layer_key_to_hf_name(index, key, layers).removeprefix(HF_PREFIX)
                 full = weights.get(name)
-                tied_head = index == EMBEDDING_INDEX and key == "word_embeddings.weight"
-                if tied_head and "lm_head.weight" in weights.locations:
-                    if not torch.equal(weights.get("lm_head.weight"), full):
+                tied_head = index == EMBEDDING_INDEX and key == VOCABULARY_KEY
+                if tied_head and HF_TIED_HEAD in weights.locations:
+                    if not torch.equal(weights.get(HF_TIED_HEAD), full):
                         raise ConversionError("lm_head.weight differs from word_embeddings.weight: BLOOM ties them, "
                                               "and our model has no separate head")
                 layer[key] = full.to(target)
@@ -273,15 +269,14 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: 
                 del full
             # One rank's shards at a time: memory is the layer plus 1/tp of it.
             for rank in range(tp):
-                state = {key: _own_storage(split_full(key, full, rank, tp)) for key, full in layer.items()}
-                torch.save(state, ckpt_dir / layer_file_name(index, rank))
-                del state
+                write_layer_file(ckpt_dir, index, rank, {key: split_full(key, full, rank, tp)
+                                                         for key, full in layer.items()})
             del layer
         write_latest(tmp, tag)
         save_config(cfg, tmp / "config.yaml")
         if tokenizer_vocab is not None:
             shutil.copyfile(tokenizer_source, tmp / "tokenizer.json")
-        _publish(tmp, output)
+        publish(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from megatron.config import ModelConfig
-from megatron.convert.errors import ConversionError
+from megatron.errors import ConversionError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}

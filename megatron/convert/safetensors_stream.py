@@ -28,7 +28,7 @@ from typing import BinaryIO, Optional, Sequence
 
 import torch
 
-from megatron.convert.errors import ConversionError
+from megatron.errors import ConversionError
 
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

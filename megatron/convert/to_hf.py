@@ -3,7 +3,7 @@ transformers BLOOM folder, one layer at a time.
 
     summary = export_to_hf("checkpoints/run", "exports/run-hf", dtype="bf16", tokenizer="tokenizer.json")
 
-Only the layer files are read (``megatron.convert.layer_files``): for every pipeline layer the
+Only the layer files are read (``megatron.checkpoint.layer_files``): for every pipeline layer the
 TP shards are loaded (memory-mapped), merged, cast and appended to the current safetensors
 shard, then freed, so the memory needed is about one layer, whatever the model's size.
 Everything is written into ``OUTPUT.tmp`` and renamed to ``OUTPUT`` at the end; a failed or
@@ -33,12 +33,13 @@ import torch
 from tqdm import tqdm
 
 from megatron.config import Config, ConfigError, config_from_dict, load_config
-from megatron.convert.errors import ConversionError
+from megatron.errors import ConversionError
 from megatron.convert.hf_files import (BLOOM_TOKENS, DTYPE_NAMES, generation_config_dict, hf_config_dict,
                                        parse_dtype, special_tokens_of, write_json, write_tokenizer_files)
-from megatron.convert.hf_mapping import layer_key_to_hf_name
-from megatron.convert.layer_files import LayerFileSet, load_tensor_file, read_layer_shards, resolve_checkpoint_dir
-from megatron.convert.layout import EMBEDDING_INDEX, full_shapes, merge_shards, partition_dim
+from megatron.checkpoint.layer_files import LayerFileSet, load_tensor_file, read_layer_shards, resolve_checkpoint_dir
+from megatron.checkpoint.resharding import merge_shards
+from megatron.convert.output import prepare_output, publish
+from megatron.model.layout import EMBEDDING_INDEX, full_shapes, layer_key_to_hf_name, partition_dim
 from megatron.convert.safetensors_stream import ShardedSafetensorsWriter, TensorPlan, parse_size
 
 
@@ -136,29 +137,6 @@ def _tokenizer_path(tokenizer: Optional[str | os.PathLike], cfg: Config) -> Opti
     return None
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
-    if output.exists() and not overwrite:
-        raise ConversionError(f"output {output} already exists: choose another --output or pass --overwrite")
-    tmp = output.with_name(output.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left over from an interrupted export
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, output: Path) -> None:
-    """Move the finished ``tmp`` folder to ``output`` (replacing an old one last)."""
-    old = None
-    if output.exists():
-        old = output.with_name(output.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(output, old)
-    os.replace(tmp, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, step: Optional[int] = None,
                  dtype: Optional[str] = None, max_shard_size: str | int = "5GB",
                  tokenizer: Optional[str | os.PathLike] = None, config: Optional[str | os.PathLike] = None,
@@ -208,7 +186,7 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, st
 
     config_json = hf_config_dict(cfg.model, padded, target, tokens)  # fails early for unexportable shapes
     plan = _plan(cfg, padded, target, files.indices())
-    tmp = _prepare_output(output, overwrite)
+    tmp = prepare_output(output, overwrite)
     drift: dict[str, float] = {}
     try:
         with ShardedSafetensorsWriter(tmp, plan, parse_size(max_shard_size)) as writer:
@@ -244,7 +222,7 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, st
         written += ["config.json", "generation_config.json"]
         if tokenizer_path is not None:
             written += write_tokenizer_files(tokenizer_path, tmp, tokens, cfg.model.seq_length)
-        _publish(tmp, output)
+        publish(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

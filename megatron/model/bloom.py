@@ -39,9 +39,7 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy)
 from megatron.model.alibi import alibi_slopes_for_rank
 from megatron.model.kernels import get_kernel
-
-EMBEDDING_LAYER_INDEX = 1  # Megatron-DeepSpeed's pipeline numbering (see megatron/model/pipeline.py)
-FIRST_BLOCK_LAYER_INDEX = 3
+from megatron.model.layout import EMBEDDING_INDEX, block_index
 
 
 def layer_generator(seed: int, layer_index: int) -> torch.Generator:
@@ -90,7 +88,7 @@ class BloomEmbedding(nn.Module):
                  seed: int = 0, rng_tracker: Optional[RNGStatesTracker] = None):
         super().__init__()
         self.word_embeddings = StableEmbedding(cfg, padded_vocab_size, tp_group, sequence_parallel,
-                                             layer_generator(seed, EMBEDDING_LAYER_INDEX))
+                                             layer_generator(seed, EMBEDDING_INDEX))
         self.dropout_p = cfg.hidden_dropout
         self.rng_tracker = rng_tracker
         # Under sequence parallelism each TP rank holds its own tokens of the output.
@@ -162,7 +160,7 @@ class BloomBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_number: int, tp_group=None, sequence_parallel: bool = False,
                  seed: int = 0, rng_tracker: Optional[RNGStatesTracker] = None):
         super().__init__()
-        generator = layer_generator(seed, FIRST_BLOCK_LAYER_INDEX + layer_number)
+        generator = layer_generator(seed, block_index(layer_number))
         eps = cfg.layernorm_epsilon
         self.input_layernorm = SequenceParallelLayerNorm(cfg.hidden_size, eps, tp_group, sequence_parallel)
         self.self_attention = BloomAttention(cfg, tp_group, sequence_parallel, generator, rng_tracker)

@@ -16,15 +16,13 @@ matches, so BLOOM-176B's 70 blocks + 2 embeddings split 6 per stage over 12 stag
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from megatron.config import Config
-from megatron.model.bloom import BloomBlock, BloomEmbedding, language_model_loss, lm_head_logits
 from megatron.core.tensor_parallel import SequenceParallelLayerNorm
-
-TIED_EMBEDDING_KEY = "embed"
+from megatron.model.bloom import BloomBlock, BloomEmbedding, language_model_loss, lm_head_logits
+from megatron.model.layout import (EMBEDDING_INDEX, TIED_EMBEDDING_KEY, block_index, final_layernorm_index,
+                                   lm_head_index)
 
 
 class EmbeddingPipe(BloomEmbedding):
@@ -47,11 +45,6 @@ def _lm_head(module: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
     return lm_head_logits(hidden, module.word_embeddings)
 
 
-def final_layernorm_index(num_layers: int) -> int:
-    """Pipeline index of the final LayerNorm: L + 4."""
-    return num_layers + 4
-
-
 def layer_specs(cfg: Config, tp_group=None, seed: int = 0, rng_tracker=None) -> list:
     """The spec list of BLOOM's pipeline (see the module docstring for the indices)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
@@ -59,16 +52,27 @@ def layer_specs(cfg: Config, tp_group=None, seed: int = 0, rng_tracker=None) -> 
     m, sp = cfg.model, cfg.parallel.sequence_parallel
     embedding = dict(cfg=m, padded_vocab_size=cfg.padded_vocab_size, tp_group=tp_group, sequence_parallel=sp, seed=seed,
                      rng_tracker=rng_tracker)
-    return [
-        _identity,
-        TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, **embedding, tied_weight_attr="word_embeddings.weight"),
-        _identity,
-        *[LayerSpec(TransformerLayerPipe, m, i, tp_group, sp, seed, rng_tracker) for i in range(m.num_layers)],
-        _identity,
-        LayerSpec(FinalLayerNormPipe, m.hidden_size, m.layernorm_epsilon, tp_group, sp),
-        TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, **embedding, forward_fn=_lm_head,
-                      tied_weight_attr="word_embeddings.weight"),
-    ]
+    specs: list = [_identity] * (lm_head_index(m.num_layers) + 1)
+    specs[EMBEDDING_INDEX] = TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, **embedding,
+                                           tied_weight_attr="word_embeddings.weight")
+    for i in range(m.num_layers):
+        specs[block_index(i)] = LayerSpec(TransformerLayerPipe, m, i, tp_group, sp, seed, rng_tracker)
+    specs[final_layernorm_index(m.num_layers)] = LayerSpec(FinalLayerNormPipe, m.hidden_size, m.layernorm_epsilon,
+                                                           tp_group, sp)
+    specs[lm_head_index(m.num_layers)] = TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, **embedding,
+                                                       forward_fn=_lm_head, tied_weight_attr="word_embeddings.weight")
+    return specs
+
+
+def layer_class_names(num_layers: int) -> list[str]:
+    """The class name at every pipeline index ("identity" for the weightless layers): what
+    DeepSpeed's ``type:REGEX`` partitioning matches."""
+    names = ["identity"] * (lm_head_index(num_layers) + 1)
+    names[EMBEDDING_INDEX] = names[lm_head_index(num_layers)] = EmbeddingPipe.__name__
+    for i in range(num_layers):
+        names[block_index(i)] = TransformerLayerPipe.__name__
+    names[final_layernorm_index(num_layers)] = FinalLayerNormPipe.__name__
+    return names
 
 
 def build_pipeline_model(cfg: Config, state, seed: int, rng_tracker=None):
@@ -104,8 +108,7 @@ def stage_partition(cfg: Config) -> list[tuple[int, int]]:
     from deepspeed.runtime import utils as ds_utils
 
     pp = cfg.parallel.pipeline_model_parallel_size
-    names = (["identity", "EmbeddingPipe", "identity"] + ["TransformerLayerPipe"] * cfg.model.num_layers
-             + ["identity", "FinalLayerNormPipe", "EmbeddingPipe"])
+    names = layer_class_names(cfg.model.num_layers)
     method = cfg.parallel.pp_partition_method
     if method.lower().startswith("type:"):
         pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
@@ -116,21 +119,3 @@ def stage_partition(cfg: Config) -> list[tuple[int, int]]:
     else:
         raise ValueError(f"parallel.pp_partition_method {method!r} is not supported: use 'type:REGEX' or 'uniform'")
     return [(bounds[i], bounds[i + 1]) for i in range(pp)]
-
-
-def pipeline_to_model_name(name: str, num_layers: int) -> Optional[str]:
-    """Name in the single-device model of a ``PipelineModule`` parameter (None for the tied copy).
-
-    PipelineModule names its parameters ``{index}.{param}`` and tied ones
-    ``tied_modules.embed.{param}``.
-    """
-    if name.startswith(f"tied_modules.{TIED_EMBEDDING_KEY}."):
-        return "embedding." + name.split(".", 2)[2]
-    index, rest = name.split(".", 1)
-    index = int(index)
-    if index == final_layernorm_index(num_layers):
-        return f"final_layernorm.{rest}"
-    if 3 <= index < 3 + num_layers:
-        return f"layers.{index - 3}.{rest}"
-    raise KeyError(f"pipeline parameter {name!r} has no single-device counterpart")
-

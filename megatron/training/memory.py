@@ -24,10 +24,13 @@ on top (plan for 10-20% headroom).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron.config import Config
-from megatron.model.pipeline import final_layernorm_index, stage_partition
+from megatron.model.layout import (EMBEDDING_INDEX, full_shapes, layer_indices, layer_kind, lm_head_index,
+                                   partition_dim)
+from megatron.model.pipeline import stage_partition
 
 GB = 2**30
 
@@ -50,24 +53,24 @@ class StageMemory:
         return self.weights + self.gradients + self.optimizer + self.activations
 
 
+def _layer_parameters(cfg: Config, index: int) -> int:
+    """Parameters one TP rank holds of the layer at pipeline ``index``."""
+    t = cfg.parallel.tensor_model_parallel_size
+    shapes = full_shapes(cfg.model, cfg.padded_vocab_size, index)
+    return sum(math.prod(shape) // (t if partition_dim(key) is not None else 1) for key, shape in shapes.items())
+
+
 def _stage_parameters(cfg: Config, start: int, end: int) -> tuple[int, int]:
     """(parameters per TP rank, transformer blocks) of pipeline layers [start, end)."""
-    m, t = cfg.model, cfg.parallel.tensor_model_parallel_size
-    h, V = m.hidden_size, cfg.padded_vocab_size
-    block_sharded = 3 * h * h + 3 * h + h * h + m.ffn_size * h + m.ffn_size + m.ffn_size * h  # QKV, dense, MLP
-    block_duplicated = 4 * h + 2 * h  # two LayerNorms, two row-parallel biases
-    embedding = V * h // t + 2 * h
+    num_layers = cfg.model.num_layers
     count, blocks = 0, 0
     for index in range(start, end):
-        if index == 1:
-            count += embedding
-        elif index == final_layernorm_index(m.num_layers) + 1:  # the tied head: a copy on another stage
-            count += embedding if start > 1 else 0
-        elif 3 <= index < 3 + m.num_layers:
-            count += block_sharded // t + block_duplicated
-            blocks += 1
-        elif index == final_layernorm_index(m.num_layers):
-            count += 2 * h
+        if index == lm_head_index(num_layers):
+            # The tied head: a copy of the embedding when the embedding lives on another stage.
+            count += _layer_parameters(cfg, EMBEDDING_INDEX) if start > EMBEDDING_INDEX else 0
+        elif index in layer_indices(num_layers):
+            count += _layer_parameters(cfg, index)
+            blocks += layer_kind(index, num_layers) == "block"
     return count, blocks
 
 

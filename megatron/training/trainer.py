@@ -31,8 +31,8 @@ from megatron.checkpoint.checkpointing import Checkpointer, LoadedCheckpoint
 from megatron.checkpoint.store import CheckpointStore
 from megatron.config import Config, LoggingConfig, save_config
 from megatron.core.distributed import DistributedInfo, init_distributed, shutdown_distributed
-from megatron.convert.errors import ConversionError
-from megatron.convert.layer_files import is_layer_files_only, load_layer_files_into, resolve_checkpoint_dir
+from megatron.errors import ConversionError
+from megatron.checkpoint.layer_files import is_layer_files_only, load_layer_files_into, resolve_checkpoint_dir
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import (
     MODEL_PARALLEL_RNG, RNGStatesTracker, check_tp_duplicates_in_sync, model_parallel_seed)

@@ -1,7 +1,7 @@
 """Reading and writing Megatron-DeepSpeed layer files, and moving them in and out of our modules.
 
 A checkpoint directory ``{save}/global_step{N}/`` holds one ``layer_XX-model_YY-model_states.pt``
-per pipeline layer index XX and tensor-parallel rank YY (see ``megatron.convert.layout``); this
+per pipeline layer index XX and tensor-parallel rank YY (see megatron/model/layout.py); this
 is what DeepSpeed's pipeline engine writes, and all that BLOOM's published training
 checkpoints contain. ``{save}/latest`` names the newest tag.
 
@@ -13,12 +13,16 @@ checkpoints contain. ``{save}/latest`` names the newest tag.
 Every file is loaded with ``torch.load(weights_only=True, mmap=True)`` where possible: the
 data stays on disk until a tensor is used, so a layer of BLOOM-176B costs its own size in
 memory and nothing else is read.
+
+Every layer file is written by :func:`write_layer_file`: training (without a pipeline; with one,
+DeepSpeed writes the same files) and the transformers import both call it. It writes in place:
+callers make the whole directory appear at once (a temporary ``global_stepN`` name renamed when
+complete), which is cheaper than a rename per file and leaves no half-checkpoint behind.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -26,28 +30,15 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from megatron.convert.errors import ConversionError
-from megatron.convert.layout import (EMBEDDING_INDEX, final_layernorm_index, layer_indices, merge_shards,
-                                     split_full)
-from megatron.utils.atomic import atomic_path, atomic_write_bytes
-
-LAYER_FILE_PATTERN = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
-_STEP_DIR = re.compile(r"^global_step(\d+)$")
-_TIED_PREFIX = "tied_modules.embed."
-
-
-def layer_file_name(index: int, tp_rank: int) -> str:
-    """``layer_{index:02d}-model_{tp_rank:02d}-model_states.pt``."""
-    return f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
-
-
-def checkpoint_tag(step: int) -> str:
-    """Megatron-DeepSpeed's directory name for the checkpoint after ``step`` iterations."""
-    return f"global_step{step}"
+from megatron.checkpoint.layout import (LATEST_FILE, checkpoint_tag, iteration_of, layer_file_name,
+                                       parse_layer_file_name)
+from megatron.checkpoint.resharding import merge_shards, split_full
+from megatron.errors import ConversionError
+from megatron.model.layout import TIED_PREFIX, layer_indices, module_key_to_layer, num_layers_of
 
 
 def _has_layer_files(directory: Path) -> bool:
-    return directory.is_dir() and any(LAYER_FILE_PATTERN.match(p.name) for p in directory.iterdir())
+    return directory.is_dir() and any(parse_layer_file_name(p.name) for p in directory.iterdir())
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike, step: Optional[int] = None) -> Path:
@@ -65,10 +56,10 @@ def resolve_checkpoint_dir(path: str | os.PathLike, step: Optional[int] = None) 
     if step is not None:
         chosen = root / checkpoint_tag(step)
         if not _has_layer_files(chosen):
-            found = sorted(p.name for p in root.iterdir() if _STEP_DIR.match(p.name))
+            found = sorted(p.name for p in root.iterdir() if iteration_of(p.name) is not None)
             raise ConversionError(f"{chosen} has no layer files; checkpoints under {root}: {found or 'none'}")
         return chosen
-    latest = root / "latest"
+    latest = root / LATEST_FILE
     if latest.is_file():
         tag = latest.read_text(encoding="utf-8").strip()
         chosen = root / tag
@@ -76,18 +67,12 @@ def resolve_checkpoint_dir(path: str | os.PathLike, step: Optional[int] = None) 
             raise ConversionError(f"{latest} names '{tag}', but {chosen} has no layer_XX-model_YY-model_states.pt "
                                   "files; pass --step to choose another checkpoint")
         return chosen
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+    steps = sorted((step, p) for p in root.iterdir() if (step := iteration_of(p.name)) is not None)
     for _, candidate in reversed(steps):
         if _has_layer_files(candidate):
             return candidate
     raise ConversionError(f"{root} holds no layer_XX-model_YY-model_states.pt files, no 'latest' and no "
                           "global_step* directory with layer files; point at a checkpoint directory")
-
-
-def checkpoint_step(directory: str | os.PathLike) -> Optional[int]:
-    """N for a directory named ``global_stepN``, else None."""
-    match = _STEP_DIR.match(Path(directory).name)
-    return int(match.group(1)) if match else None
 
 
 def is_layer_files_only(directory: str | os.PathLike) -> bool:
@@ -98,13 +83,6 @@ def is_layer_files_only(directory: str | os.PathLike) -> bool:
     return _has_layer_files(directory) and not any(
         p.name.endswith("_model_states.pt") and p.name.startswith("mp_rank_") or p.name.endswith("optim_states.pt")
         for p in directory.iterdir())
-
-
-def write_latest(root: str | os.PathLike, tag: str) -> None:
-    """Write ``root/latest`` naming ``tag``, atomically."""
-    path = Path(root) / "latest"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, tag.encode("utf-8"))
 
 
 def load_tensor_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -139,14 +117,14 @@ class LayerFileSet:
         directory = Path(directory)
         paths = {}
         for p in directory.iterdir() if directory.is_dir() else ():
-            match = LAYER_FILE_PATTERN.match(p.name)
-            if match:
-                paths[(int(match.group(1)), int(match.group(2)))] = p
+            coordinates = parse_layer_file_name(p.name)
+            if coordinates:
+                paths[coordinates] = p
         if not paths:
             raise ConversionError(f"{directory} has no layer_XX-model_YY-model_states.pt files")
         indices = sorted({index for index, _ in paths})
         tp_size = max(rank for _, rank in paths) + 1
-        num_layers = indices[-1] - 4
+        num_layers = num_layers_of(indices)
         expected = layer_indices(num_layers) if num_layers >= 1 else []
         if indices != expected:
             raise ConversionError(
@@ -203,30 +181,6 @@ def read_merged_layer(files: LayerFileSet, index: int) -> MergedLayer:
 # Our modules <-> layer files
 
 
-def module_key_to_layer(name: str, num_layers: Optional[int]) -> tuple[int, str]:
-    """(pipeline layer index, key inside the layer file) of a state-dict entry of our model.
-
-    Accepts the single-device ``BloomForCausalLM`` names (``embedding.*``, ``layers.{i}.*``,
-    ``final_layernorm.*``) and DeepSpeed ``PipelineModule`` names (``{index}.*``,
-    ``tied_modules.embed.*``); ``num_layers`` is needed only for ``final_layernorm.*``.
-    """
-    if name.startswith(_TIED_PREFIX):
-        return EMBEDDING_INDEX, name[len(_TIED_PREFIX):]
-    head, _, rest = name.partition(".")
-    if head.isdigit():
-        return int(head), rest
-    if head == "embedding":
-        return EMBEDDING_INDEX, rest
-    if head == "layers":
-        number, _, key = rest.partition(".")
-        return 3 + int(number), key
-    if head == "final_layernorm":
-        if num_layers is None:
-            raise ConversionError("num_layers is needed to place final_layernorm.* in a layer file")
-        return final_layernorm_index(num_layers), rest
-    raise ConversionError(f"state-dict entry '{name}' belongs to no BLOOM pipeline layer")
-
-
 def _coords(parallel_state: Any) -> tuple[int, int, int, int, bool]:
     """(tp_rank, tp_size, dp_rank, pp_size, first_stage) from a ParallelState or None."""
     if parallel_state is None:
@@ -248,30 +202,44 @@ def _group_by_layer(names, num_layers: Optional[int]) -> dict[int, list[tuple[st
     return grouped
 
 
+def write_layer_file(directory: str | os.PathLike, index: int, tp_rank: int,
+                     tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write one layer file: TP rank ``tp_rank``'s tensors of pipeline layer ``index`` (keys as in
+    the layer, e.g. ``mlp.dense_h_to_4h.weight``), on the CPU, each with storage of its own.
+
+    Own storage matters: ``torch.save`` writes a view's whole underlying buffer, and ZeRO keeps
+    parameters as views into one flat buffer per rank, as a TP split keeps chunks of the full
+    tensor. Writes in place (see the module docstring for why that is safe).
+    """
+    path = Path(directory) / layer_file_name(index, tp_rank)
+    torch.save({key: _own_cpu_copy(tensor) for key, tensor in tensors.items()}, path)
+    return path
+
+
+def _own_cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    owns_storage = (tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.storage_offset() == 0
+                    and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+    return tensor if owns_storage else tensor.to("cpu", copy=True, memory_format=torch.contiguous_format)
+
+
 def save_layer_files(module: nn.Module, checkpoint_dir: str | os.PathLike, parallel_state: Any = None,
                      num_layers: Optional[int] = None) -> list[Path]:
     """Write this rank's layer files of ``module`` into ``checkpoint_dir`` (one per layer index).
 
     ``module`` is our single-stage ``BloomForCausalLM`` or a DeepSpeed ``PipelineModule`` (this
     stage's layers; the LM head's copy of the tied embedding is written only by the first stage,
-    as DeepSpeed does). Only data-parallel rank 0 writes; each file is written atomically.
-    Returns the paths written by this rank.
+    as DeepSpeed does). Only data-parallel rank 0 writes. Returns the paths written by this rank.
     """
     tp_rank, _, dp_rank, pp_size, first_stage = _coords(parallel_state)
     if dp_rank != 0:
         return []
     state = module.state_dict()
-    names = [n for n in state if not (n.startswith(_TIED_PREFIX) and pp_size > 1 and not first_stage)]
+    names = [n for n in state if not (n.startswith(TIED_PREFIX) and pp_size > 1 and not first_stage)]
     directory = Path(checkpoint_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for index, entries in sorted(_group_by_layer(names, num_layers or _num_layers_of(module)).items()):
-        layer_state = {key: state[name].detach().to("cpu").clone().contiguous() for name, key in entries}
-        path = directory / layer_file_name(index, tp_rank)
-        with atomic_path(path) as tmp:
-            torch.save(layer_state, tmp)
-        written.append(path)
-    return written
+    return [write_layer_file(directory, index, tp_rank, {key: state[name] for name, key in entries})
+            for index, entries in sorted(_group_by_layer(names, num_layers or _num_layers_of(module)).items())]
 
 
 @torch.no_grad()
@@ -324,5 +292,5 @@ def load_layer_files_into(module: nn.Module, checkpoint_dir: str | os.PathLike, 
                     "and the padded vocabulary (model.pad_vocab_size_to) against the checkpoint")
             target.copy_(source_tensor)
             loaded += 1
-    return {"directory": directory, "step": checkpoint_step(directory), "source_tp_size": files.tp_size,
+    return {"directory": directory, "step": iteration_of(directory), "source_tp_size": files.tp_size,
             "tensors": loaded, "files": files_read}
