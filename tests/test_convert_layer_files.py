@@ -182,3 +182,12 @@ def test_safetensors_reader_matches_the_library_and_rejects_truncation(tmp_path)
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(ConversionError, match="not a readable safetensors file"):
         SafetensorsReader(tmp_path / "junk.safetensors")
+
+
+def test_partition_table_matches_the_model_layers():
+    """megatron/model/layout.py's table agrees with what the model's column- and row-parallel
+    layers tag their parameters with (the layers are the other witness of the split)."""
+    model = random_model(tiny_config(num_layers=2))
+    for name, param in model.named_parameters():
+        tagged = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+        assert partition_dim(module_key_to_layer(name, 2)[1]) == tagged, name

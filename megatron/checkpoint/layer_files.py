@@ -30,8 +30,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from megatron.checkpoint.layout import (LATEST_FILE, checkpoint_tag, iteration_of, layer_file_name,
-                                       parse_layer_file_name)
+from megatron.checkpoint.layout import (LATEST_FILE, checkpoint_tag, is_engine_or_optimizer_file, iteration_of,
+                                       layer_file_name, parse_layer_file_name)
 from megatron.checkpoint.resharding import merge_shards, split_full
 from megatron.errors import ConversionError
 from megatron.model.layout import TIED_PREFIX, layer_indices, module_key_to_layer, num_layers_of
@@ -80,9 +80,7 @@ def is_layer_files_only(directory: str | os.PathLike) -> bool:
     (``mp_rank_*_model_states.pt``, optimizer shards): an import or a published BLOOM training
     checkpoint, to be loaded with ``load_layer_files_into`` and a fresh optimizer."""
     directory = Path(directory)
-    return _has_layer_files(directory) and not any(
-        p.name.endswith("_model_states.pt") and p.name.startswith("mp_rank_") or p.name.endswith("optim_states.pt")
-        for p in directory.iterdir())
+    return _has_layer_files(directory) and not any(is_engine_or_optimizer_file(p.name) for p in directory.iterdir())
 
 
 def load_tensor_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

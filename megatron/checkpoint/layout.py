@@ -28,7 +28,10 @@ UNIVERSAL_SUFFIX = "_universal"
 LATEST_FILE = "latest"
 LATEST_ITERATION_FILE = "latest_checkpointed_iteration.txt"  # Megatron's name
 MANIFEST_FILE = "manifest.json"
+LATEST_UNIVERSAL_FILE = "latest_universal"  # DeepSpeed's ds_to_universal writes it
 LAYER_FILE_PATTERN = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+ENGINE_STATE_PATTERN = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+OPTIMIZER_STATE_SUFFIX = "optim_states.pt"
 
 
 def checkpoint_tag(iteration: int) -> str:
@@ -50,6 +53,17 @@ def universal_tag(tag: str) -> str:
 def layer_file_name(layer_index: int, tp_rank: int) -> str:
     """``layer_XX-model_YY-model_states.pt``, as DeepSpeed's PipelineModule names it."""
     return f"layer_{layer_index:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def engine_state_file_name(mp_rank: int) -> str:
+    """``mp_rank_MM_model_states.pt``: DeepSpeed's engine state (and our client state) of one
+    model-parallel rank."""
+    return f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def is_engine_or_optimizer_file(name: str) -> bool:
+    """Whether ``name`` is DeepSpeed engine or optimizer state (not a layer file)."""
+    return bool(ENGINE_STATE_PATTERN.match(name)) or name.endswith(OPTIMIZER_STATE_SUFFIX)
 
 
 def parse_layer_file_name(name: str) -> Optional[tuple[int, int]]:

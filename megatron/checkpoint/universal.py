@@ -44,6 +44,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from megatron.checkpoint.layout import LATEST_UNIVERSAL_FILE
 from megatron.checkpoint.store import atomic_write_text
 from megatron.config import Config
 from megatron.model.layout import (flat_name, is_pipeline_name, name_patterns, pipeline_name,
@@ -100,7 +101,7 @@ def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_targe
         shutil.rmtree(output_dir)
     os.rename(staging, output_dir)
     # The converter pointed DeepSpeed's ``latest_universal`` at the staging name; name the result.
-    atomic_write_text(output_dir.parent / "latest_universal", output_dir.name)
+    atomic_write_text(output_dir.parent / LATEST_UNIVERSAL_FILE, output_dir.name)
 
 
 def is_complete(universal_dir: Path) -> bool:

@@ -37,6 +37,7 @@ from megatron.errors import ConversionError
 from megatron.convert.hf_files import (BLOOM_TOKENS, DTYPE_NAMES, generation_config_dict, hf_config_dict,
                                        parse_dtype, special_tokens_of, write_json, write_tokenizer_files)
 from megatron.checkpoint.layer_files import LayerFileSet, load_tensor_file, read_layer_shards, resolve_checkpoint_dir
+from megatron.checkpoint.layout import MANIFEST_FILE, engine_state_file_name
 from megatron.checkpoint.resharding import merge_shards
 from megatron.convert.output import prepare_output, publish
 from megatron.model.layout import EMBEDDING_INDEX, full_shapes, layer_key_to_hf_name, partition_dim
@@ -67,7 +68,7 @@ def _config_from_checkpoint(directory: Path) -> tuple[Optional[Config], str]:
     for candidate in (directory / "config.yaml", directory.parent / "config.yaml"):
         if candidate.is_file():
             return load_config(candidate), str(candidate)
-    manifest = directory / "manifest.json"
+    manifest = directory / MANIFEST_FILE
     if manifest.is_file():
         try:
             values = json.loads(manifest.read_text(encoding="utf-8")).get("config")
@@ -75,7 +76,7 @@ def _config_from_checkpoint(directory: Path) -> tuple[Optional[Config], str]:
             values = None
         if isinstance(values, dict):
             return config_from_dict(values, str(manifest)), f"{manifest} ('config')"
-    client = directory / "mp_rank_00_model_states.pt"
+    client = directory / engine_state_file_name(0)
     if client.is_file():
         try:
             state = torch.load(client, map_location="cpu", weights_only=True, mmap=True)
