@@ -39,7 +39,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from megatron.data.gpt_dataset import GPTDataset, build_once_and_load, split_documents
+from megatron.data.gpt_dataset import GPTDataset, split_documents
+from megatron.data.index_cache import build_once_and_load
 
 __all__ = [
     "BlendedDataset",
