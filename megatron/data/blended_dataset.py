@@ -8,10 +8,11 @@ and the order is deterministic. Unlike Megatron's uint8 index, the dataset index
 above 32,767 datasets), so blends are not limited to 255 datasets.
 
 The greedy rule is inherently sequential (each choice depends on all earlier ones), so it runs
-as a 15-line C loop compiled on first use with the system C compiler (``$CC``, ``cc`` or
-``gcc``; cached under ``~/.cache/bloom_megatron``) and loaded with ``ctypes``. Measured on one
-core: 10M samples take about 0.5 s over 2-46 datasets and 2.4 s over 300. Without a compiler an
-identical numpy loop runs instead (about 20 s per 10M samples over 46 datasets) with a warning.
+as a 15-line C loop (``blend_kernel.c``, shipped with the package) compiled on first use with
+the system C compiler (``$CC``, ``cc`` or ``gcc``; cached under ``~/.cache/bloom_megatron``) and
+loaded with ``ctypes``. Measured on one core: 10M samples take about 0.5 s over 2-46 datasets
+and 2.4 s over 300. Without a compiler an identical numpy loop runs instead (about 20 s per 10M
+samples over 46 datasets) with a warning.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import uuid
 import warnings
+from importlib import resources
 from typing import Any, Sequence
 
 import numpy as np
@@ -50,25 +52,9 @@ OVERSAMPLE = 1.005
 # Blending indices: Megatron's greedy, native loop with a numpy fallback
 # ---------------------------------------------------------------------------------------------
 
-_KERNEL_SOURCE = r"""
-#include <stdint.h>
-/* Megatron's greedy blend: sample t goes to the dataset lagging its weight most. */
-void build_blending_indices(const double *weights, int64_t num_datasets, int64_t size,
-                            int32_t *dataset_index, int64_t *dataset_sample_index,
-                            int64_t *counts) {
-  for (int64_t t = 0; t < size; ++t) {
-    const double target = t > 1 ? (double)t : 1.0;
-    int64_t best = 0;
-    double best_error = weights[0] * target - (double)counts[0];
-    for (int64_t i = 1; i < num_datasets; ++i) {
-      const double error = weights[i] * target - (double)counts[i];
-      if (error > best_error) { best_error = error; best = i; }
-    }
-    dataset_index[t] = (int32_t)best;
-    dataset_sample_index[t] = counts[best]++;
-  }
-}
-"""
+# The C loop ships as package data and is compiled on first use. Its text is hashed into the
+# name of the compiled library, so an edited source is never served a stale build.
+_KERNEL_FILE = "blend_kernel.c"
 
 
 def _kernel_cache_dir() -> str:
@@ -88,7 +74,8 @@ def _native_kernel() -> Any | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    key = hashlib.blake2b(f"{_KERNEL_SOURCE}{sys.platform}{platform.machine()}".encode(), digest_size=8).hexdigest()
+    source = resources.files(__package__).joinpath(_KERNEL_FILE).read_text(encoding="utf-8")
+    key = hashlib.blake2b(f"{source}{sys.platform}{platform.machine()}".encode(), digest_size=8).hexdigest()
     for directory in (_kernel_cache_dir(), None):
         try:
             if directory is None:
@@ -99,7 +86,7 @@ def _native_kernel() -> Any | None:
                 tag = f"{os.getpid()}_{uuid.uuid4().hex[:8]}"
                 src, tmp_so = os.path.join(directory, f"blend_kernel_{tag}.c"), f"{so_path}.{tag}.tmp"
                 with open(src, "w") as f:
-                    f.write(_KERNEL_SOURCE)
+                    f.write(source)
                 try:
                     # No FMA contraction: the result must equal the numpy fallback bit for bit.
                     cmd = [compiler, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", tmp_so, src]
