@@ -74,7 +74,8 @@ def _native_kernel() -> Any | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    source = resources.files(__package__).joinpath(_KERNEL_FILE).read_text(encoding="utf-8")
+    kernel_file = resources.files(__package__).joinpath(_KERNEL_FILE)
+    source = kernel_file.read_text(encoding="utf-8")
     key = hashlib.blake2b(f"{source}{sys.platform}{platform.machine()}".encode(), digest_size=8).hexdigest()
     for directory in (_kernel_cache_dir(), None):
         try:
@@ -83,19 +84,16 @@ def _native_kernel() -> Any | None:
             so_path = os.path.join(directory, f"blend_kernel_{key}.so")
             if not os.path.isfile(so_path):
                 os.makedirs(directory, exist_ok=True)
-                tag = f"{os.getpid()}_{uuid.uuid4().hex[:8]}"
-                src, tmp_so = os.path.join(directory, f"blend_kernel_{tag}.c"), f"{so_path}.{tag}.tmp"
-                with open(src, "w") as f:
-                    f.write(source)
+                tmp_so = f"{so_path}.{os.getpid()}_{uuid.uuid4().hex[:8]}.tmp"
                 try:
-                    # No FMA contraction: the result must equal the numpy fallback bit for bit.
-                    cmd = [compiler, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", tmp_so, src]
-                    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+                    with resources.as_file(kernel_file) as src:
+                        # No FMA contraction: the result must equal the numpy fallback bit for bit.
+                        cmd = [compiler, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", tmp_so, str(src)]
+                        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
                     os.replace(tmp_so, so_path)
                 finally:
-                    for p in (src, tmp_so):
-                        if os.path.exists(p):
-                            os.remove(p)
+                    if os.path.exists(tmp_so):
+                        os.remove(tmp_so)
             lib = ctypes.CDLL(so_path)
         except (OSError, subprocess.SubprocessError) as e:
             # The numpy fallback gives the same indices, ~40x slower: worth a line, not a failure.
