@@ -53,10 +53,12 @@ from pathlib import Path
 from typing import Sequence
 
 try:
-    from megatron.data.tokenizer_training import build_report, evaluate, format_table, train, write_atomic
+    from megatron.data.tokenizer_training import build_report, evaluate, format_table, train
+    from megatron.utils.atomic import atomic_write_text
 except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from megatron.data.tokenizer_training import build_report, evaluate, format_table, train, write_atomic
+    from megatron.data.tokenizer_training import build_report, evaluate, format_table, train
+    from megatron.utils.atomic import atomic_write_text
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -110,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     report = build_report(result, evaluation, settings)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.output_dir / "tokenizer.json", result.tokenizer.to_str(pretty=False))
-    write_atomic(args.output_dir / "tokenizer_report.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(args.output_dir / "tokenizer.json", result.tokenizer.to_str(pretty=False))
+    report_text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
+    atomic_write_text(args.output_dir / "tokenizer_report.json", report_text)
     if not args.quiet:
         print(format_table(report))
     for lang, d in result.languages.items():

@@ -9,12 +9,10 @@ per token and the round trip per language.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -222,10 +220,3 @@ def format_table(report: dict) -> str:
         f"{report['fed_bytes_total']:>11,}{report['bytes_per_token_overall']:>11.3f}"
     )
     return "\n".join(rows)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
