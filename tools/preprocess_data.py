@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {out}.bin / .idx")
     if args.summary_json is not None:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps(summary_dict(total, summaries, args, args.workers), indent=1) + "\n")
+        args.summary_json.write_text(json.dumps(summary_dict(total, summaries, args.workers), indent=1) + "\n")
     return 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import platform
 from collections import Counter
 from dataclasses import dataclass, field
@@ -68,7 +67,7 @@ def total_summary(summaries: Sequence[Summary], seconds: float) -> Summary:
     return tot
 
 
-def summary_dict(total: Summary, per_job: Sequence[Summary], args: argparse.Namespace, workers: int) -> dict:
+def summary_dict(total: Summary, per_job: Sequence[Summary], workers: int) -> dict:
     """The ``--summary-json`` contents."""
     secs = max(total.seconds, 1e-9)
     return {
