@@ -44,6 +44,8 @@ class _EncoderState:
     dtype: np.dtype
 
 
+# Per process, set by init_encoder (the pool's initializer): each worker loads the tokenizer
+# once, instead of receiving it pickled with every batch.
 _STATE: _EncoderState | None = None
 
 

@@ -72,7 +72,8 @@ class IndexedDatasetLike(Protocol):
 
     def __len__(self) -> int: ...
 
-    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray: ...
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``offset : offset + length`` of sequence ``idx`` (to its end when ``length`` is None)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class Job:
     output_prefix: str
 
     def outputs(self, key: str) -> str:
+        """Path prefix of ``key``'s dataset (``.bin``/``.idx`` are added to it)."""
         return f"{self.output_prefix}_{key}_document"
 
 

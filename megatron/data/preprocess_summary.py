@@ -25,6 +25,7 @@ class Summary:
     seconds: float = 0.0
 
     def add(self, enc: Encoded) -> None:
+        """Count one encoded batch."""
         self.documents += enc.docs
         self.tokens += sum(len(v) for v in enc.ids.values())
         self.text_bytes += enc.text_bytes
@@ -54,6 +55,7 @@ def format_summary(s: Summary, label: str = "") -> str:
 
 
 def total_summary(summaries: Sequence[Summary], seconds: float) -> Summary:
+    """The counts of all jobs together, over ``seconds`` of wall time."""
     tot = Summary(seconds=seconds)
     for s in summaries:
         tot.documents += s.documents

@@ -153,6 +153,7 @@ class LanguageData:
 
     @property
     def total_bytes(self) -> int:
+        """UTF-8 bytes of all the language's documents."""
         return int(self.doc_bytes.sum())
 
 

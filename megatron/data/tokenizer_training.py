@@ -31,7 +31,8 @@ from megatron.data.tokenizer_corpus import (
 )
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")
-# Separators: ASCII, CJK full-width, Indic danda, Arabic-script marks (see module docstring).
+# Separators: ASCII, CJK full-width, Indic danda, Arabic-script marks; not the apostrophe, operators
+# or ``_``, so ``don't`` and ``snake_case`` stay whole (tools/train_tokenizer.py --help gives the reasons).
 _SEPARATORS = r".,;:!?…\"()\[\]{}<>" + "。，、；：！？「」『』（）【】《》" + "।॥" + "،؛؟۔"
 SPLIT_PATTERN = r" ?[^\s" + _SEPARATORS + r"]+"
 _BATCH_TEXTS = 512  # texts per hand-over to the Rust trainer (amortises the FFI call)
