@@ -20,6 +20,7 @@ import numpy as np
 from megatron.data.blend_weights import resolve_weights
 from megatron.data.blended_dataset import OVERSAMPLE, BlendedDataset
 from megatron.data.gpt_dataset import GPTDataset, split_documents
+from megatron.data.indexed_dataset import MMapIndexedDataset
 
 __all__ = ["BlendedDatasets", "build_blended_datasets"]
 
@@ -61,8 +62,6 @@ def _as_spec(spec: Any, i: int) -> tuple[str, str, float | None]:
 
 def _open(name: str, prefix: str) -> Any:
     """Open a language's ``.bin``/``.idx``, naming the language in any error."""
-    from megatron.data.indexed_dataset import MMapIndexedDataset
-
     try:
         return MMapIndexedDataset(prefix)
     except (OSError, ValueError) as e:
