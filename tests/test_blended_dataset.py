@@ -9,12 +9,9 @@ import pytest
 
 from data_helpers import random_docs, write_indexed_dataset
 from megatron.data import blended_dataset
-from megatron.data.blended_dataset import (
-    BlendedDataset,
-    alpha_sampling_weights,
-    build_blended_datasets,
-    build_blending_indices,
-)
+from megatron.data.blend_builder import build_blended_datasets
+from megatron.data.blend_weights import alpha_sampling_weights
+from megatron.data.blended_dataset import BlendedDataset, build_blending_indices
 
 # ---------------------------------------------------------------------------------------------
 # The greedy rule

@@ -10,7 +10,7 @@ from transformers import BloomConfig, BloomForCausalLM
 from launch import run_ranks
 from megatron.config import config_from_dict
 from megatron.convert.from_hf import import_from_hf
-from megatron.data.blended_dataset import build_blended_datasets
+from megatron.data.blend_builder import build_blended_datasets
 from megatron.model.bloom import language_model_loss
 from training_utils import VOCAB, synthetic_corpus, tiny_run, train_losses
 

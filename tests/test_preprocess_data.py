@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron.data import preprocess as pp
+from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.tokenizer import load_tokenizer
+from tools import preprocess_data as cli
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import preprocess_data as pp  # noqa: E402
-
-from megatron.data.indexed_dataset import MMapIndexedDataset  # noqa: E402
-from megatron.data.tokenizer import load_tokenizer  # noqa: E402
-
 TOKENIZER = ROOT / "tests" / "fixtures" / "bloom-bpe-4k" / "tokenizer.json"
 QWEN = ROOT / "tests" / "fixtures" / "qwen3-byte-bpe" / "tokenizer.json.gz"
 CORPUS = ROOT / "data" / "corpus"
@@ -49,7 +48,7 @@ def run_cli(*args, summary: Path | None = None) -> int:
     argv = [str(a) for a in args] + ["--quiet"]
     if summary is not None:
         argv += ["--summary-json", str(summary)]
-    return pp.main(argv)
+    return cli.main(argv)
 
 
 def expected(tok, texts, eod=True):
@@ -231,7 +230,7 @@ def test_failure_exit_codes(tmp_path, capsys):
     assert run_cli("--input", tmp_path / "c.parquet", "--tokenizer", TOKENIZER, "--output-prefix", tmp_path / "p") == 1
     assert "no column 'text'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
-        pp.main(["--help"])
+        cli.main(["--help"])
     assert info.value.code == 0
     assert not list(tmp_path.glob("*_document.*"))
 

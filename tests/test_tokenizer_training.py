@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from megatron.data import tokenizer_training as tt
+from megatron.data.tokenizer import load_tokenizer, padded_vocab_size
+from tools import train_tokenizer as cli
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import train_tokenizer as tt  # noqa: E402
-
-from megatron.data.tokenizer import load_tokenizer, padded_vocab_size  # noqa: E402
-
 CORPUS = ROOT / "data" / "corpus"
 FIXTURES = ROOT / "tests" / "fixtures"
 LANGS = {"en": "natural/en", "zh-Hans": "natural/zh-Hans", "hi": "natural/hi", "ar": "natural/ar", "python": "code/python"}
@@ -39,7 +37,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
     args = ["--input", *INPUTS, "--vocab-size", "1000", "--alpha", "0.5", "--max-bytes", "600000",
             "--seed", "7", "--output-dir", str(out), "--quiet"]
-    assert tt.main(args) == 0
+    assert cli.main(args) == 0
     return out
 
 
@@ -151,12 +149,12 @@ def test_language_from_file_name_and_explicit(tmp_path):
 
 
 def test_cli_errors(tmp_path, capsys):
-    assert tt.main(["--input", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2
+    assert cli.main(["--input", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
-        tt.main(["--help"])
+        cli.main(["--help"])
     assert info.value.code == 0
-    assert tt.main(["--input", INPUTS[0], "--vocab-size", "100", "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2
+    assert cli.main(["--input", INPUTS[0], "--vocab-size", "100", "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2
 
 
 # -- megatron.data.tokenizer ----------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The trainer's view of the data: a resumable training loader and the validation loaders.
 
-Builds the per-language blend from ``cfg.data`` (see megatron.data.blended_dataset) and the
+Builds the per-language blend from ``cfg.data`` (see megatron.data.blend_builder) and the
 tokenizer. Validation always reads the same first samples of each validation set, so the
 curves of successive evaluations (and of different runs) are comparable.
 """
@@ -16,7 +16,7 @@ import torch
 
 from megatron.config import Config
 from megatron.core.parallel_state import ParallelState
-from megatron.data.blended_dataset import build_blended_datasets
+from megatron.data.blend_builder import build_blended_datasets
 from megatron.data.check import check_data, format_problems
 from megatron.data.sampler import build_data_loader
 from megatron.data.tokenizer import load_tokenizer
