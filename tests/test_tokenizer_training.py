@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from megatron.data import tokenizer_training as tt
-from megatron.data.tokenizer import load_tokenizer, padded_vocab_size
+from megatron.config import ModelConfig
+from megatron.data.tokenizer import load_tokenizer
 from tools import train_tokenizer as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,13 +190,12 @@ def test_load_tokenizer_errors(tmp_path):
 
 
 def test_padded_vocab_size():
-    assert padded_vocab_size(250_680, 128, 4) == 250_880
-    assert padded_vocab_size(250_680, 128, 1) == 250_752  # 1,959 x 128
-    assert padded_vocab_size(250_680, 128, 1, pad_vocab_size_to=250_880) == 250_880  # BLOOM's small models
-    assert padded_vocab_size(151_669) == 151_680 and padded_vocab_size(256, 128, 2) == 256
-    with pytest.raises(ValueError, match="smaller"):
-        padded_vocab_size(250_680, pad_vocab_size_to=250_000)
-    with pytest.raises(ValueError, match="divisible"):
-        padded_vocab_size(250_680, 128, 3, pad_vocab_size_to=250_882)
-    with pytest.raises(ValueError, match="tensor_model_parallel_size"):
-        padded_vocab_size(250_680, 128, 0)
+    """Megatron's rounding rule (the invalid cases are tests/test_config.py's)."""
+    def padded(vocab, multiple=128, tp=1, pad_to=None):
+        return ModelConfig(vocab_size=vocab, make_vocab_size_divisible_by=multiple,
+                           pad_vocab_size_to=pad_to).padded_vocab_size(tp)
+
+    assert padded(250_680, 128, 4) == 250_880
+    assert padded(250_680, 128, 1) == 250_752  # 1,959 x 128
+    assert padded(250_680, 128, 1, pad_to=250_880) == 250_880  # BLOOM's small models
+    assert padded(151_669) == 151_680 and padded(256, 128, 2) == 256

@@ -1,4 +1,4 @@
-"""Tokenizer loading (Hugging Face ``tokenizers``) and Megatron's vocabulary padding.
+"""Tokenizer loading (Hugging Face ``tokenizers``).
 
 BLOOM's tokenizer is a byte-level BPE stored as a ``tokenizer.json``; any such file works
 here (one trained with ``tools/train_tokenizer.py``, BLOOM's own, or another model's)::
@@ -6,7 +6,8 @@ here (one trained with ``tools/train_tokenizer.py``, BLOOM's own, or another mod
     tok = load_tokenizer("tokenizer.json")          # or tokenizer.json.gz, or a directory
     ids = tok.encode("Hello world")
     tok.eod_id, tok.pad_id, tok.vocab_size
-    padded_vocab_size(tok.vocab_size, 128, tensor_model_parallel_size=4)
+
+Megatron's vocabulary padding is ``ModelConfig.padded_vocab_size`` (megatron/config.py).
 
 The end-of-document id (appended after every document by ``tools/preprocess_data.py``) is
 ``</s>`` when the vocabulary has it, as in BLOOM, else the tokenizer's end-of-text token.
@@ -27,7 +28,6 @@ __all__ = [
     "PAD_CANDIDATES",
     "HFTokenizer",
     "load_tokenizer",
-    "padded_vocab_size",
 ]
 
 # Looked up in this order. BLOOM uses </s>; the rest cover GPT-2/Qwen, Llama 3 and Gemma
@@ -203,46 +203,3 @@ def load_tokenizer(
     return HFTokenizer(
         tok, path=str(file), eod_token=eod_token, pad_token=pad_token, split_special_tokens=split_special_tokens
     )
-
-
-def padded_vocab_size(
-    orig_vocab_size: int,
-    make_vocab_size_divisible_by: int = 128,
-    tensor_model_parallel_size: int = 1,
-    pad_vocab_size_to: int | None = None,
-) -> int:
-    """Size of the embedding table for a vocabulary of ``orig_vocab_size`` tokens.
-
-    Megatron pads the vocabulary to the smallest multiple of
-    ``make_vocab_size_divisible_by * tensor_model_parallel_size`` that is >= the original
-    size, so each TP rank gets an equal, GEMM-friendly slice. BLOOM (250,680 tokens):
-    250,880 at TP 4 (multiple of 512), but 250,752 at TP 1 (multiple of 128). BLOOM's
-    smaller models were trained at TP 1 with 250,880 rows all the same, through
-    Megatron-DeepSpeed's ``--pad-vocab-size-to 250880``: pass ``pad_vocab_size_to`` for that.
-
-    Raises:
-        ValueError: a non-positive argument, or ``pad_vocab_size_to`` smaller than the
-            vocabulary or not divisible by the TP size.
-    """
-    for name, value in (
-        ("orig_vocab_size", orig_vocab_size),
-        ("make_vocab_size_divisible_by", make_vocab_size_divisible_by),
-        ("tensor_model_parallel_size", tensor_model_parallel_size),
-    ):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"padded_vocab_size: {name} must be a positive integer, got {value!r}")
-    if pad_vocab_size_to is not None:
-        if pad_vocab_size_to < orig_vocab_size:
-            raise ValueError(
-                f"pad_vocab_size_to={pad_vocab_size_to} is smaller than the tokenizer's "
-                f"vocabulary ({orig_vocab_size}); raise it or leave it unset"
-            )
-        if pad_vocab_size_to % tensor_model_parallel_size:
-            raise ValueError(
-                f"pad_vocab_size_to={pad_vocab_size_to} is not divisible by "
-                f"tensor_model_parallel_size={tensor_model_parallel_size}; each TP rank needs "
-                "an equal slice of the embedding"
-            )
-        return int(pad_vocab_size_to)
-    multiple = int(make_vocab_size_divisible_by) * int(tensor_model_parallel_size)
-    return -(-int(orig_vocab_size) // multiple) * multiple
