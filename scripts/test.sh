@@ -7,7 +7,8 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
 usage: bash scripts/test.sh [PYTEST_ARGS...]
 
 Sets up the venv (bash scripts/setup.sh: installs only what is missing or not at the locked
-version), then runs the fast tests: pytest -m "not slow". Every argument goes to pytest, e.g.
+version), lints with ruff (rules in pyproject.toml; a few seconds), then runs the fast tests:
+pytest -m "not slow". Every argument goes to pytest, e.g.
   bash scripts/test.sh -k config -x
   bash scripts/test.sh tests/test_config.py
 Only -h or --help as the first argument prints this text instead; for pytest's own help run
@@ -23,4 +24,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 source scripts/env.sh
+# Lint first: it fails in seconds where the suite takes minutes. `ruff check --fix` repairs most.
+.venv/bin/ruff check --quiet . || { echo "ruff found problems: run .venv/bin/ruff check --fix . and fix the rest" >&2; exit 1; }
 exec .venv/bin/python -m pytest -m "not slow" "$@"
