@@ -71,7 +71,7 @@ def layer_specs(cfg: Config, tp_group=None, seed: int = 0, rng_tracker=None) -> 
     ]
 
 
-def build_pipeline_model(cfg: Config, state, seed: int, rng_tracker=None):
+def build_pipeline_model(cfg: Config, parallel, seed: int, rng_tracker=None):
     """DeepSpeed ``PipelineModule`` over our parallel state's topology (PP x DP x TP).
 
     With an ``rng_tracker`` its checkpoint function recomputes blocks: DeepSpeed's default one
@@ -79,7 +79,7 @@ def build_pipeline_model(cfg: Config, state, seed: int, rng_tracker=None):
     from deepspeed.pipe import PipelineModule
 
     t = cfg.training
-    tp_group = state.tp_group if state.tp_size > 1 else None
+    tp_group = parallel.tp_group_or_none
     fused = cfg.model.use_fused_kernels
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def build_pipeline_model(cfg: Config, state, seed: int, rng_tracker=None):
     return PipelineModule(
         layers=layer_specs(cfg, tp_group, seed, rng_tracker),
         loss_fn=loss_fn,
-        topology=state.deepspeed_topology(),
+        topology=parallel.deepspeed_topology(),
         partition_method=cfg.parallel.pp_partition_method,
         activation_checkpoint_interval=t.checkpoint_num_layers if t.checkpoint_activations else 0,
         checkpointable_layers=[TransformerLayerPipe.__name__],
