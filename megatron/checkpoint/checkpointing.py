@@ -97,9 +97,9 @@ class Checkpointer:
 
     def layout(self) -> dict[str, Any]:
         """The running layout and precision, as recorded in manifests."""
-        p, t = self.parallel, self.cfg.training
-        return {"tensor_model_parallel_size": p.tp_size, "pipeline_model_parallel_size": p.pp_size,
-                "data_parallel_size": p.dp_size, "world_size": p.layout.world_size,
+        parallel, t = self.parallel, self.cfg.training
+        return {"tensor_model_parallel_size": parallel.tp_size, "pipeline_model_parallel_size": parallel.pp_size,
+                "data_parallel_size": parallel.dp_size, "world_size": parallel.layout.world_size,
                 "zero_stage": self.cfg.parallel.zero_stage, "bf16": t.bf16, "fp16": t.fp16}
 
     def _needs_universal(self, saved: dict[str, Any]) -> bool:
@@ -127,7 +127,7 @@ class Checkpointer:
         temporary = self._on_rank0(prepare_directory)
         client_state = self._client_state(train_state, schedule)
         engine.save_checkpoint(directory, tag=temporary, client_state=client_state, save_latest=False)
-        if self.parallel.pp_size == 1:
+        if not self.parallel.pp_enabled:
             self._write_layer_files(engine, Path(directory) / temporary)
         if dist.is_initialized():
             dist.barrier()  # every rank's files are on disk before rank 0 commits
@@ -149,8 +149,7 @@ class Checkpointer:
                         size / 1e6, time.perf_counter() - start)
 
     def _client_state(self, train_state: dict[str, Any], schedule: dict[str, Any]) -> dict[str, Any]:
-        p = self.parallel
-        rng = gather_data_parallel(capture_rng_state(self.rng_tracker), p.dp_group, p.dp_size)
+        rng = gather_data_parallel(capture_rng_state(self.rng_tracker), self.parallel.dp_group, self.parallel.dp_size)
         return {
             # Megatron-DeepSpeed's keys, read by its tools and by ds_to_universal.
             "iteration": train_state["iteration"],
@@ -232,7 +231,7 @@ class Checkpointer:
 
         def convert() -> None:
             target = resume.directory / resume.load_tag
-            pipelined = self.parallel.pp_size > 1
+            pipelined = self.parallel.pp_enabled
             if universal.is_complete(target):
                 universal.rename_parameters(target, pipelined, self.cfg.model.num_layers)
                 logger.info("using the universal conversion %s", target)
