@@ -36,7 +36,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,7 @@ from megatron.checkpoint.layout import (
 from megatron.checkpoint.rng import capture_rng_state, gather_data_parallel, reseed, restore_rng_state
 from megatron.checkpoint.store import CheckpointInfo, CheckpointStore, new_temporary_tag
 from megatron.config import Config
+from megatron.core.distributed import on_rank0
 from megatron.core.parallel_state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Checkpointer:
                 logger.warning("removed %s, left by an interrupted save or deletion", path)
             return temporary
 
-        temporary = self._on_rank0(prepare_directory)
+        temporary = on_rank0(prepare_directory, f"prepare checkpoint directory {directory}")
         client_state = self._client_state(train_state, schedule)
         engine.save_checkpoint(directory, tag=temporary, client_state=client_state, save_latest=False)
         if not self.parallel.pp_enabled:
@@ -142,7 +143,7 @@ class Checkpointer:
                             self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
             return info
 
-        info = self._on_rank0(commit)
+        info = on_rank0(commit, f"commit checkpoint {directory}/{tag}")
         if self.rank == 0:
             size = sum(info.manifest["files"].values())
             logger.info("saved checkpoint %s (%d files, %.1f MB) in %.2f s", info.path, len(info.manifest["files"]),
@@ -222,7 +223,7 @@ class Checkpointer:
                         if resume.universal else "")
             return resume
 
-        return self._on_rank0(find)
+        return on_rank0(find, f"find a checkpoint to resume from in {directory}")
 
     def prepare(self, resume: ResumePoint) -> None:
         """Convert ``resume`` to a universal checkpoint when needed (rank 0, once; reused after)."""
@@ -241,7 +242,7 @@ class Checkpointer:
             logger.info("converted %s to the universal checkpoint %s in %.1f s", resume.directory / resume.tag,
                         target, time.perf_counter() - start)
 
-        self._on_rank0(convert)
+        on_rank0(convert, f"convert {resume.directory / resume.tag} to a universal checkpoint")
 
     def load(self, engine, resume: ResumePoint) -> LoadedCheckpoint:
         """Load model, optimizer and loop state from ``resume`` into ``engine``.
@@ -289,27 +290,6 @@ class Checkpointer:
             logger.warning("checkpoint %s was trained on datasets %s, this run uses %s: the data order after "
                            "resuming differs from the saved run's", info.path, saved_data,
                            [d.name for d in self.cfg.data.datasets])
-
-    # -- collectives ----------------------------------------------------------------------------
-
-    def _on_rank0(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on rank 0 and give its result to every rank; an exception on rank 0 is
-        raised on every rank (instead of leaving the others waiting in the next collective)."""
-        result, error = None, None
-        if self.rank == 0:
-            try:
-                result = fn()
-            except Exception as exc:  # re-raised below on every rank, with the same message
-                error = exc
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
-            dist.broadcast_object_list(box, src=0)
-            result, message = box[0]
-            if message is not None and error is None:
-                raise RuntimeError(f"rank 0 failed: {message}")
-        if error is not None:
-            raise error
-        return result
 
 
 def _describe(layout: dict[str, Any]) -> str:
