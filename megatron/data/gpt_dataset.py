@@ -394,25 +394,10 @@ def build_once_and_load(
             lock_path = os.path.commonprefix(list(paths.values())).rstrip("_") + ".lock"
             _locked(lock_path, lambda: _build_and_save(paths, build))
 
-    rank = _distributed_rank()
-    if rank is None:
-        build_if_missing()
-    else:
-        import torch.distributed as dist
+    from megatron.core.distributed import on_rank0  # imports torch, which this module avoids at import time
 
-        failure: BaseException | None = None
-        status: list[str | None] = [None]
-        if rank == 0:
-            try:
-                build_if_missing()
-            except Exception as e:  # re-raised below, after the other ranks heard of it
-                failure = e
-                status = [f"{type(e).__name__}: {e}"]
-        dist.broadcast_object_list(status, src=0)
-        if failure is not None:
-            raise failure
-        if status[0] is not None:
-            raise RuntimeError(f"rank {rank}: rank 0 failed to build the index cache: {status[0]}")
+    on_rank0(build_if_missing, "build the index cache")
+    rank = _distributed_rank()
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(
