@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron.checkpoint.layout import flat_name, is_pipeline_name, pipeline_name
-from megatron.checkpoint.store import atomic_write_text
 from megatron.config import Config
+from megatron.utils.atomic import atomic_write_text
 
 UNIVERSAL_MARKER = "universal.json"  # written last: the conversion is complete
 
