@@ -310,7 +310,7 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     if t.rampup_batch_size is not None:
         _validate_rampup(t)
     for span in t.skip_train_iteration_range:
-        _parse_range(span)
+        parse_iteration_range(span)
 
     _require(
         o.lr_decay_style in ("constant", "linear", "cosine"),
@@ -389,7 +389,9 @@ def _validate_data(d: DataConfig) -> None:
              f"data.split must be up to three non-negative numbers with a positive sum, got {d.split!r}")
 
 
-def _parse_range(span: str) -> tuple[int, int]:
+def parse_iteration_range(span: str) -> tuple[int, int]:
+    """``"10-20"`` -> ``(10, 20)``: one ``training.skip_train_iteration_range`` entry, inclusive and
+    1-based; raise ConfigError naming the entry when it is malformed or not ``0 < START <= END``."""
     try:
         start, end = (int(x) for x in span.split("-"))
     except ValueError:

@@ -23,6 +23,17 @@
 # .venv/bin/python); BLOOM_LOG_DIR is where per-job log directories go (default logs/);
 # BLOOM_ROOT tells the per-size scripts where the repository is when sbatch was not called from
 # its root (sbatch runs a copy of the script, so the script's own path does not tell).
+#
+# Finding this file: the search cannot live here, since it is what finds this file, so every
+# per-size script starts with the same line, to be copied unchanged into a new one:
+#
+#   source "$(for d in "${BLOOM_ROOT:-}" "$(dirname "$0")/.." "${SLURM_SUBMIT_DIR:-.}" ...; done; ...)"
+#
+# It sources the first slurm/common.sh found under, in order: BLOOM_ROOT; the parent of the
+# script's directory (a script run with bash, e.g. DRY_RUN=1 bash slurm/bloom-560m.slurm from
+# anywhere; under sbatch that is the spool directory, which never matches); SLURM_SUBMIT_DIR,
+# where sbatch was called (the repository root, as scripts/submit_chain.sh does); its parent
+# (sbatch called from slurm/). Finding none, it names BLOOM_ROOT and the script stops.
 
 # The repository: the parent of this file's directory, wherever the sourcing script found it.
 BLOOM_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

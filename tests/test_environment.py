@@ -1,5 +1,5 @@
 """environment.json (what a run ran on), its display by scripts/run_status.py, and the permissions
-of the files written atomically (config.yaml, environment.json, layer files, ``latest``)."""
+and durability of the files written atomically (config.yaml, environment.json, layer files, ``latest``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from megatron.config import load_config, save_config
 from megatron.checkpoint.store import write_latest
 from megatron.training.environment import (ENVIRONMENT_FILE, describe_environment, git_state, read_environment,
                                            write_environment)
-from megatron.utils.atomic import atomic_path
+from megatron.utils.atomic import atomic_path, atomic_write_text
 
 LAYOUT = {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 1}
 REASON = "training.bf16 is auto and this CPU has no native bf16"
@@ -124,6 +124,25 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
         tmp.write_text("global_st")
         raise RuntimeError("killed mid-write")
     assert target.read_text() == "global_step1" and os.listdir(tmp_path) == ["latest"]
+
+
+def test_atomic_writes_fsync_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    atomic_write_text(tmp_path / "latest", "global_step1")
+    with atomic_path(tmp_path / "layer_01-model_00-model_states.pt") as tmp:
+        torch.save({"w": torch.zeros(2)}, tmp)
+    files, directories = synced[0::2], synced[1::2]
+    assert [p.name.split(".")[1] for p in files] == ["latest", "layer_01-model_00-model_states"]
+    directory = tmp_path.resolve()
+    assert all(p.parent == directory and p.name.startswith(".") for p in files)  # the temporaries
+    assert directories == [directory, directory]
 
 
 def test_run_status_shows_the_environment(cfg, tmp_path, capsys):

@@ -67,6 +67,7 @@ def test_single_process_state():
     assert (state.tp_size, state.pp_size, state.dp_size) == (1, 1, 1)
     assert state.is_pipeline_first_stage() and state.is_pipeline_last_stage() and state.is_in_embedding_group()
     assert state.get_tensor_model_parallel_group() is None  # no group: collectives are skipped
+    assert not (state.tp_enabled or state.pp_enabled or state.dp_enabled) and state.tp_group_or_none is None
     assert (state.get_model_parallel_world_size(), state.get_data_parallel_world_size(),
             state.get_pipeline_model_parallel_world_size()) == (1, 1, 1)
     assert not hasattr(state, "initialize_sequence_parallel")  # ZeRO would ignore our model-parallel group
@@ -100,6 +101,7 @@ def groups_worker(rank: int, layouts: list[tuple[int, int]]) -> dict:
                     state.get_model_parallel_rank(), state.get_model_parallel_world_size(),
                     state.get_tensor_model_parallel_src_rank()),
             "stages": (state.is_pipeline_first_stage(), state.is_pipeline_last_stage()),
+            "enabled": (state.tp_enabled, state.pp_enabled, state.dp_enabled, state.tp_group_or_none is not None),
         }
     try:
         ParallelState(world, (rank + 1) % world, 2, 1)
@@ -134,6 +136,7 @@ def test_group_membership_on_four_ranks():
             mp_rank = got["mp"].index(rank)
             assert got["mpu"] == (coord.tp, tp, coord.dp, layout.dp, coord.pp, pp, mp_rank, tp * pp, got["tp"][0])
             assert got["stages"] == (coord.pp == 0, coord.pp == pp - 1)
+            assert got["enabled"] == (tp > 1, pp > 1, layout.dp > 1, tp > 1)
             if pp == 1:  # without a pipeline, DeepSpeed's "model parallel" is exactly TP
                 assert got["mp"] == got["tp"] and mp_rank == coord.tp
         assert "does not match torch.distributed" in found["mismatch"]

@@ -148,6 +148,20 @@ def test_scripts_find_the_repository_from_another_directory(tmp_path):
     assert "layout: TP1 PP1 DP2 over 2 ranks" in result.stdout
 
 
+def test_scripts_share_one_repository_search_and_name_bloom_root_when_it_fails(tmp_path):
+    searches = {line for script in SLURM.glob("*.slurm") for line in script.read_text().splitlines()
+                if line.startswith("source ")}
+    assert len(searches) == 1, "every script finds slurm/common.sh with the same line (see slurm/common.sh)"
+    copy = tmp_path / "spool" / "slurm_script"  # what sbatch runs: a copy, far from the repository
+    copy.parent.mkdir()
+    copy.write_text((SLURM / "cpu-tiny.slurm").read_text())
+    result = run(["bash", str(copy)], cwd=tmp_path, env=clean_env(DRY_RUN="1"))
+    assert result.returncode != 0
+    assert "cannot find the repository (slurm/common.sh): set BLOOM_ROOT" in result.stderr
+    found = run(["bash", str(copy)], cwd=tmp_path, env=clean_env(DRY_RUN="1", SLURM_SUBMIT_DIR=str(REPO / "slurm")))
+    assert found.returncode == 0, found.stderr
+
+
 def test_a_job_without_time_limit_gets_no_exit_duration(tmp_path):
     script = tmp_path / "custom.slurm"
     script.write_text("#!/usr/bin/env bash\n#SBATCH --nodes=1\nset -euo pipefail\n"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megatron.data.languages import UnknownLanguageError, get_language
 from megatron.training.logging import read_metrics
+from megatron.utils.atomic import atomic_path
 
 
 def group_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -63,9 +64,8 @@ def plot(records: list[dict], output: Path, title: str) -> None:
     right.grid(alpha=0.3)
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(output)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")  # the temporary's name has no extension to go by
     plt.close(fig)
 
 

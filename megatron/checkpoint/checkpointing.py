@@ -36,7 +36,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch.distributed as dist
 
@@ -46,6 +46,7 @@ from megatron.checkpoint.layout import checkpoint_tag, universal_tag
 from megatron.checkpoint.rng import capture_rng_state, gather_data_parallel, reseed, restore_rng_state
 from megatron.checkpoint.store import CheckpointInfo, CheckpointStore, new_temporary_tag
 from megatron.config import Config
+from megatron.core.distributed import on_rank0
 from megatron.core.parallel_state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -96,9 +97,9 @@ class Checkpointer:
 
     def layout(self) -> dict[str, Any]:
         """The running layout and precision, as recorded in manifests."""
-        p, t = self.parallel, self.cfg.training
-        return {"tensor_model_parallel_size": p.tp_size, "pipeline_model_parallel_size": p.pp_size,
-                "data_parallel_size": p.dp_size, "world_size": p.layout.world_size,
+        parallel, t = self.parallel, self.cfg.training
+        return {"tensor_model_parallel_size": parallel.tp_size, "pipeline_model_parallel_size": parallel.pp_size,
+                "data_parallel_size": parallel.dp_size, "world_size": parallel.layout.world_size,
                 "zero_stage": self.cfg.parallel.zero_stage, "bf16": t.bf16, "fp16": t.fp16}
 
     def _needs_universal(self, saved: dict[str, Any]) -> bool:
@@ -123,10 +124,10 @@ class Checkpointer:
                 logger.warning("removed %s, left by an interrupted save or deletion", path)
             return temporary
 
-        temporary = self._on_rank0(prepare_directory)
+        temporary = on_rank0(prepare_directory, f"prepare checkpoint directory {directory}")
         client_state = self._client_state(train_state, schedule)
         engine.save_checkpoint(directory, tag=temporary, client_state=client_state, save_latest=False)
-        if self.parallel.pp_size == 1:
+        if not self.parallel.pp_enabled:
             self._write_layer_files(engine, Path(directory) / temporary)
         if dist.is_initialized():
             dist.barrier()  # every rank's files are on disk before rank 0 commits
@@ -141,15 +142,14 @@ class Checkpointer:
                             self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
             return info
 
-        info = self._on_rank0(commit)
+        info = on_rank0(commit, f"commit checkpoint {directory}/{tag}")
         if self.rank == 0:
             size = sum(info.manifest["files"].values())
             logger.info("saved checkpoint %s (%d files, %.1f MB) in %.2f s", info.path, len(info.manifest["files"]),
                         size / 1e6, time.perf_counter() - start)
 
     def _client_state(self, train_state: dict[str, Any], schedule: dict[str, Any]) -> dict[str, Any]:
-        p = self.parallel
-        rng = gather_data_parallel(capture_rng_state(self.rng_tracker), p.dp_group, p.dp_size)
+        rng = gather_data_parallel(capture_rng_state(self.rng_tracker), self.parallel.dp_group, self.parallel.dp_size)
         return {
             # Megatron-DeepSpeed's keys, read by its tools and by ds_to_universal.
             "iteration": train_state["iteration"],
@@ -215,7 +215,7 @@ class Checkpointer:
                         if resume.universal else "")
             return resume
 
-        return self._on_rank0(find)
+        return on_rank0(find, f"find a checkpoint to resume from in {directory}")
 
     def prepare(self, resume: ResumePoint) -> None:
         """Convert ``resume`` to a universal checkpoint when needed (rank 0, once; reused after)."""
@@ -224,7 +224,7 @@ class Checkpointer:
 
         def convert() -> None:
             target = resume.directory / resume.load_tag
-            pipelined = self.parallel.pp_size > 1
+            pipelined = self.parallel.pp_enabled
             if universal.is_complete(target):
                 universal.rename_parameters(target, pipelined, self.cfg.model.num_layers)
                 logger.info("using the universal conversion %s", target)
@@ -234,7 +234,7 @@ class Checkpointer:
             logger.info("converted %s to the universal checkpoint %s in %.1f s", resume.directory / resume.tag,
                         target, time.perf_counter() - start)
 
-        self._on_rank0(convert)
+        on_rank0(convert, f"convert {resume.directory / resume.tag} to a universal checkpoint")
 
     def load(self, engine, resume: ResumePoint) -> LoadedCheckpoint:
         """Load model, optimizer and loop state from ``resume`` into ``engine``.
@@ -282,27 +282,6 @@ class Checkpointer:
             logger.warning("checkpoint %s was trained on datasets %s, this run uses %s: the data order after "
                            "resuming differs from the saved run's", info.path, saved_data,
                            [d.name for d in self.cfg.data.datasets])
-
-    # -- collectives ----------------------------------------------------------------------------
-
-    def _on_rank0(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on rank 0 and give its result to every rank; an exception on rank 0 is
-        raised on every rank (instead of leaving the others waiting in the next collective)."""
-        result, error = None, None
-        if self.rank == 0:
-            try:
-                result = fn()
-            except Exception as exc:  # re-raised below on every rank, with the same message
-                error = exc
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
-            dist.broadcast_object_list(box, src=0)
-            result, message = box[0]
-            if message is not None and error is None:
-                raise RuntimeError(f"rank 0 failed: {message}")
-        if error is not None:
-            raise error
-        return result
 
 
 def _describe(layout: dict[str, Any]) -> str:

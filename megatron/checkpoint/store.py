@@ -6,8 +6,8 @@ Saving makes that true atomically:
 
 1. every rank writes into ``global_stepN.tmp-<id>`` (a name no reader ever loads);
 2. after a barrier, rank 0 fsyncs the files, writes the manifest last, renames the
-   directory to ``global_stepN`` and then replaces ``latest`` (write a temporary file,
-   ``os.replace``).
+   directory to ``global_stepN``, fsyncs its parent and then replaces ``latest``: the
+   durability rule of megatron/utils/atomic.py, for a directory and for single files.
 
 A process killed at any point therefore leaves either the previous checkpoint as the newest
 complete one, or the new one fully written. Readers never trust ``latest`` alone: they pick the
@@ -36,6 +36,7 @@ from typing import Any, Iterable, Optional
 
 from megatron.checkpoint.layout import (
     LATEST_FILE, LATEST_ITERATION_FILE, MANIFEST_FILE, TAG_PREFIX, checkpoint_tag, iteration_of, universal_tag)
+from megatron.utils.atomic import atomic_write_text, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -57,32 +58,6 @@ class CheckpointInfo:
     def path(self) -> Path:
         """The ``global_stepN`` directory."""
         return self.directory / self.tag
-
-
-# -- small atomic file helpers ------------------------------------------------------------------
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or directory's) data and metadata to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` so a reader sees the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
 
 
 def write_latest(directory: str | os.PathLike, tag: str) -> None:

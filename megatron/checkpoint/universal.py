@@ -45,10 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from megatron.checkpoint.layout import LATEST_UNIVERSAL_FILE
-from megatron.checkpoint.store import atomic_write_text
 from megatron.config import Config
 from megatron.model.layout import (flat_name, is_pipeline_name, name_patterns, pipeline_name,
                                    pipeline_replicated_pattern, vocabulary_pattern)
+from megatron.utils.atomic import atomic_write_text
 
 UNIVERSAL_MARKER = "universal.json"  # written last: the conversion is complete
 

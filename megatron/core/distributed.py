@@ -1,4 +1,5 @@
-"""Starting the default process group the same way under torchrun, srun, deepspeed or plain python.
+"""Starting the default process group the same way under torchrun, srun, deepspeed or plain python;
+and ``on_rank0``, for work one process does on behalf of all.
 
 torchrun and the deepspeed launcher set RANK / WORLD_SIZE / LOCAL_RANK; srun sets SLURM_*
 instead, and without RANK DeepSpeed would try MPI discovery (and fail without mpi4py), so the
@@ -10,8 +11,11 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,3 +71,34 @@ def shutdown_distributed() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def on_rank0(fn: Callable[[], T], task: str) -> T:
+    """Run ``fn`` on global rank 0 only; every rank returns its result or raises its error.
+
+    In a world of several processes this is a collective over the default group (every rank
+    calls it, in the same order), and the result must be picklable. Rank 0 broadcasts its
+    outcome, which also keeps the other ranks from going on (reading what it writes) before it
+    is done. When ``fn`` raises, rank 0 re-raises its own exception and every other rank raises
+    ``RuntimeError("rank R: rank 0 failed to <task>: <error>")``; without the broadcast they would
+    wait in their next collective until a timeout, far from the cause. Without
+    ``torch.distributed`` (or in a world of one) ``fn`` simply runs here.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_world_size() == 1:
+        return fn()
+    rank = torch.distributed.get_rank()
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised below, once the other ranks have been told
+            error = exc
+    box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    result, message = box[0]
+    if message is not None:
+        raise RuntimeError(f"rank {rank}: rank 0 failed to {task}: {message}")
+    return result

@@ -188,6 +188,21 @@ class ParallelState:
         return self.layout.dp
 
     @property
+    def tp_enabled(self) -> bool:
+        """Whether tensors are split over more than one rank."""
+        return self.layout.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        """Whether the model is split into more than one pipeline stage."""
+        return self.layout.pp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        """Whether there is more than one model replica."""
+        return self.layout.dp > 1
+
+    @property
     def tp_rank(self) -> int:
         """This rank's place in its TP group."""
         return self.coord.tp
@@ -206,6 +221,12 @@ class ParallelState:
     def tp_group(self) -> ProcessGroup:
         """Ranks holding the other shards of this rank's tensors."""
         return self._tp[0]
+
+    @property
+    def tp_group_or_none(self) -> Optional[ProcessGroup]:
+        """The TP group when there is tensor parallelism, else None: the ``tp_group`` argument of the
+        model's layers and of ``language_model_loss``, for which None means "no TP"."""
+        return self._tp[0] if self.tp_enabled else None
 
     @property
     def dp_group(self) -> ProcessGroup:

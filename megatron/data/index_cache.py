@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 from typing import Callable, Mapping
 
 import numpy as np
+
+from megatron.utils.atomic import atomic_path
 
 __all__ = ["build_once_and_load"]
 
@@ -25,17 +26,8 @@ logger = logging.getLogger(__name__)
 
 def _save_atomic(path: str, array: np.ndarray) -> None:
     """Write ``array`` to ``path`` so readers see either nothing or the complete file."""
-    tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def _build_and_save(paths: Mapping[str, str], build: Callable[[], Mapping[str, np.ndarray]]) -> None:
@@ -112,25 +104,10 @@ def build_once_and_load(
             lock_path = os.path.commonprefix(list(paths.values())).rstrip("_") + ".lock"
             _locked(lock_path, lambda: _build_and_save(paths, build))
 
-    rank = _distributed_rank()
-    if rank is None:
-        build_if_missing()
-    else:
-        import torch.distributed as dist
+    from megatron.core.distributed import on_rank0  # imports torch, which this module avoids at import time
 
-        failure: BaseException | None = None
-        status: list[str | None] = [None]
-        if rank == 0:
-            try:
-                build_if_missing()
-            except Exception as e:  # re-raised below, after the other ranks heard of it
-                failure = e
-                status = [f"{type(e).__name__}: {e}"]
-        dist.broadcast_object_list(status, src=0)
-        if failure is not None:
-            raise failure
-        if status[0] is not None:
-            raise RuntimeError(f"rank {rank}: rank 0 failed to build the index cache: {status[0]}")
+    on_rank0(build_if_missing, "build the index cache")
+    rank = _distributed_rank()
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(

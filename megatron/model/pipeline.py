@@ -75,7 +75,7 @@ def layer_class_names(num_layers: int) -> list[str]:
     return names
 
 
-def build_pipeline_model(cfg: Config, state, seed: int, rng_tracker=None):
+def build_pipeline_model(cfg: Config, parallel, seed: int, rng_tracker=None):
     """DeepSpeed ``PipelineModule`` over our parallel state's topology (PP x DP x TP).
 
     With an ``rng_tracker`` its checkpoint function recomputes blocks: DeepSpeed's default one
@@ -83,7 +83,7 @@ def build_pipeline_model(cfg: Config, state, seed: int, rng_tracker=None):
     from deepspeed.pipe import PipelineModule
 
     t = cfg.training
-    tp_group = state.tp_group if state.tp_size > 1 else None
+    tp_group = parallel.tp_group_or_none
     fused = cfg.model.use_fused_kernels
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,7 @@ def build_pipeline_model(cfg: Config, state, seed: int, rng_tracker=None):
     return PipelineModule(
         layers=layer_specs(cfg, tp_group, seed, rng_tracker),
         loss_fn=loss_fn,
-        topology=state.deepspeed_topology(),
+        topology=parallel.deepspeed_topology(),
         partition_method=cfg.parallel.pp_partition_method,
         activation_checkpoint_interval=t.checkpoint_num_layers if t.checkpoint_activations else 0,
         checkpointable_layers=[TransformerLayerPipe.__name__],

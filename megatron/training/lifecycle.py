@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megatron.config import TrainingConfig
+from megatron.config import TrainingConfig, parse_iteration_range
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,6 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 # Positions in the all-reduced flag vector; order also sets which reason is reported first.
 _SIGNAL, _KILL_SWITCH, _DURATION, _INTERVAL = range(4)
-
-
-def parse_iteration_ranges(spans: list[str]) -> list[tuple[int, int]]:
-    """``["10-20", "35-35"]`` -> ``[(10, 20), (35, 35)]`` (validated by the config already)."""
-    ranges = []
-    for span in spans:
-        start, end = (int(x) for x in span.split("-"))
-        ranges.append((start, end))
-    return ranges
 
 
 class RunLifecycle:
@@ -63,7 +54,7 @@ class RunLifecycle:
         self.kill_switch = Path(training.kill_switch_path) if training.kill_switch_path else None
         self.exit_duration_s = training.exit_duration_in_mins * 60.0 if training.exit_duration_in_mins else None
         self.exit_interval = training.exit_interval
-        self.skip_ranges = parse_iteration_ranges(training.skip_train_iteration_range)
+        self.skip_ranges = [parse_iteration_range(span) for span in training.skip_train_iteration_range]
         self.start_time = start_time
         self.clock = clock
         self.received_signal: Optional[int] = None

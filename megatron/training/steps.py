@@ -27,9 +27,9 @@ def _split(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.
 class EngineSteps:
     """Micro-batch loop over a non-pipeline engine (TP through the model's layers, DP/ZeRO by DeepSpeed)."""
 
-    def __init__(self, engine, state, device: torch.device, fused_kernels: bool):
-        self.engine, self.state, self.device = engine, state, device
-        self.tp_group = state.tp_group if state.tp_size > 1 else None
+    def __init__(self, engine, parallel, device: torch.device, fused_kernels: bool):
+        self.engine, self.parallel, self.device = engine, parallel, device
+        self.tp_group = parallel.tp_group_or_none
         self.fused = fused_kernels
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -53,17 +53,17 @@ class EngineSteps:
         return self._data_parallel_mean(losses.mean())
 
     def _data_parallel_mean(self, value: torch.Tensor) -> float:
-        if self.state.dp_size > 1:
+        if self.parallel.dp_enabled:
             value = value.clone()
-            dist.all_reduce(value, group=self.state.dp_group)  # SUM, then divide: the DP mean
-            value /= self.state.dp_size
+            dist.all_reduce(value, group=self.parallel.dp_group)  # SUM, then divide: the DP mean
+            value /= self.parallel.dp_size
         return value.item()
 
 
 class PipelineSteps:
     """Global batches through DeepSpeed's pipeline engine (1F1B over PP, TP inside the layers)."""
 
-    def __init__(self, engine, state, device: torch.device, fused_kernels: bool):
+    def __init__(self, engine, parallel, device: torch.device, fused_kernels: bool):
         self.engine, self.device = engine, device
 
     def _pairs(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -105,7 +105,7 @@ class Trainer:
         same_directory = cfg.checkpoint.load == cfg.checkpoint.save
         self._saved_iteration: Optional[int] = (resumed.train_state["iteration"] if resumed and same_directory
                                                 else None)
-        steps = PipelineSteps if parallel.pp_size > 1 else EngineSteps
+        steps = PipelineSteps if parallel.pp_enabled else EngineSteps
         self.steps = steps(engine, parallel, info.device, cfg.model.use_fused_kernels)
         self.rampup = BatchSizeRampup.from_config(cfg.training)
         self.train_samples = total_train_samples(cfg.training, self.rampup)
@@ -164,7 +164,7 @@ class Trainer:
     def check_tp_duplicates(self) -> None:
         """Fail loudly when parameters duplicated across TP ranks (LayerNorms, row-parallel
         biases) differ: BLOOM-176B lost weeks to such copies drifting apart."""
-        if self.parallel.tp_size == 1:
+        if not self.parallel.tp_enabled:
             return
         differing = check_tp_duplicates_in_sync(self.engine.module, self.parallel.tp_group)
         if differing:
@@ -352,10 +352,10 @@ def build_network(cfg: Config, parallel: ParallelState, device: torch.device,
     """The model for this rank: a PipelineModule when PP > 1, else the TP-aware BLOOM; dropout
     draws from ``rng_tracker`` where activations differ across TP ranks."""
     t, p = cfg.training, cfg.parallel
-    if parallel.pp_size > 1:
+    if parallel.pp_enabled:
         return build_pipeline_model(cfg, parallel, cfg.training.seed, rng_tracker).to(device)
     return build_model(cfg.model, cfg.padded_vocab_size, device=device,
-                       tp_group=parallel.tp_group if parallel.tp_size > 1 else None,
+                       tp_group=parallel.tp_group_or_none,
                        sequence_parallel=p.sequence_parallel, seed=t.seed,
                        checkpoint_num_layers=t.checkpoint_num_layers if t.checkpoint_activations else 0,
                        rng_tracker=rng_tracker)
@@ -447,7 +447,7 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
     if resume is not None:
         checkpointer.prepare(resume)
     # With a pipeline DeepSpeed builds its grid from the PipelineModule's topology and refuses an mpu.
-    engine = build_engine(cfg, model, parallel.dp_size, rampup(0), mpu=None if parallel.pp_size > 1 else parallel,
+    engine = build_engine(cfg, model, parallel.dp_size, rampup(0), mpu=None if parallel.pp_enabled else parallel,
                           load_universal=resume is not None and resume.universal)
     loaded = checkpointer.load(engine, resume) if resume is not None else None
     state = TrainState.from_dict(loaded.train_state) if loaded else TrainState()
@@ -458,7 +458,8 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
         if on_finish is not None:
             on_finish(engine, parallel)
         finished = trainer.stop_reason is None
-        if finished and info.rank == 0 and cfg.logging.sample_prompts and parallel.tp_size * parallel.pp_size == 1:
+        whole_model_here = not (parallel.tp_enabled or parallel.pp_enabled)
+        if finished and info.rank == 0 and cfg.logging.sample_prompts and whole_model_here:
             print("greedy continuations:", flush=True)
             print_samples(cfg, engine.module, data.tokenizer, info.device)
     finally:

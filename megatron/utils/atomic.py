@@ -1,14 +1,26 @@
-"""Replacing a file atomically, with the permissions a plain ``open(path, "w")`` would give it.
+"""Replacing a file atomically and durably, with the permissions a plain ``open(path, "w")`` would give it.
 
 Readers (a resuming job, ``scripts/run_status.py``, a colleague's shell) must see either the old
-file or the complete new one, so writers fill a temporary file in the same directory and
-``os.replace`` it over the target.
+file or the complete new one, also after the node crashes or loses power. Every writer in this
+project follows one rule, implemented here:
 
-``tempfile.mkstemp`` is not used for that temporary file: it creates files 0600 whatever the
+1. write a temporary file in the target's directory (``.{name}.<random>``: same file system, so
+   the rename is atomic; the leading dot keeps it out of globs and layer-file discovery);
+2. flush and ``fsync`` it, so its data is on disk before any name points at it;
+3. ``os.replace`` it over the target;
+4. ``fsync`` the directory, so the rename itself survives a crash.
+
+A failure before step 3 removes the temporary and leaves the target as it was.
+
+Whole directories follow the same rule one level up, as a checkpoint's commit does
+(``CheckpointStore.commit``): write everything under a temporary name next to the target,
+``fsync_path`` every file, rename the directory, ``fsync_path`` its parent.
+
+``tempfile.mkstemp`` is not used for the temporary file: it creates files 0600 whatever the
 umask, and the rename keeps the mode, so config.yaml or a checkpoint's files would be unreadable
-to the rest of the group. Creating the file with mode 0666 lets the kernel apply the umask (and a
-directory's default ACL) exactly as for ``open``, without reading or changing the process-wide
-umask, which other threads may depend on.
+to the rest of the group. Creating the file with mode 0666 lets the kernel apply the umask (0644
+under the usual 022) and a directory's default ACL exactly as for ``open``, without reading or
+changing the process-wide umask, which other threads may depend on.
 
     atomic_write_text(run_dir / "config.yaml", text)
     with atomic_path(directory / "layer_01-model_00-model_states.pt") as tmp:
@@ -27,12 +39,17 @@ _ATTEMPTS = 100  # as tempfile: a name clash is only likely with a directory ful
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
-def create_temporary(path: str | os.PathLike) -> tuple[int, Path]:
-    """A new empty file ``.{name}.<random>`` next to ``path``, open for writing: ``(fd, its path)``.
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a directory's) data and metadata to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    Next to the target, so that the final ``os.replace`` is a rename within one file system; the
-    leading dot keeps it out of globs and layer-file discovery while it is being written.
-    """
+
+def create_temporary(path: str | os.PathLike) -> tuple[int, Path]:
+    """A new empty file ``.{name}.<random>`` next to ``path``, open for writing: ``(fd, its path)``."""
     path = Path(path)
     for _ in range(_ATTEMPTS):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
@@ -44,16 +61,23 @@ def create_temporary(path: str | os.PathLike) -> tuple[int, Path]:
                           f"remove the leftover .{path.name}.* files in {path.parent}")
 
 
+def _publish(tmp: Path, path: str | os.PathLike) -> None:
+    """Steps 3 and 4 of the rule, for a temporary whose data is already fsynced."""
+    os.replace(tmp, path)
+    fsync_path(Path(path).parent)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield the path of a new empty temporary file next to ``path``, for writers that want a
-    file name (``torch.save``). When the block ends normally the temporary replaces ``path``;
-    when it raises, the temporary is removed and ``path`` is left as it was."""
+    file name (``torch.save``). When the block ends normally the temporary is fsynced and
+    replaces ``path``; when it raises, the temporary is removed and ``path`` is left as it was."""
     fd, tmp = create_temporary(path)
     os.close(fd)
     try:
         yield tmp
-        os.replace(tmp, path)
+        fsync_path(tmp)
+        _publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -65,7 +89,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
