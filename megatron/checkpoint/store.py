@@ -36,7 +36,7 @@ from typing import Any, Iterable, Optional
 
 from megatron.checkpoint.layout import (
     LATEST_FILE, LATEST_ITERATION_FILE, MANIFEST_FILE, TAG_PREFIX, checkpoint_tag, iteration_of, universal_tag)
-from megatron.utils.atomic import atomic_write_text, fsync_path
+from megatron.utils.atomic import atomic_write_text, fsync_path, fsync_tree
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +200,7 @@ class CheckpointStore:
         """
         staging = self.directory / temporary_tag
         files = {}
-        for file in sorted(p for p in staging.rglob("*") if p.is_file()):
-            fsync_path(file)
+        for file in fsync_tree(staging):
             files[file.relative_to(staging).as_posix()] = file.stat().st_size
         manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "tag": tag,
                     "iteration": iteration_of(tag), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -48,7 +48,7 @@ from megatron.checkpoint.layout import LATEST_UNIVERSAL_FILE
 from megatron.config import Config
 from megatron.model.layout import (flat_name, is_pipeline_name, name_patterns, pipeline_name,
                                    pipeline_replicated_pattern, vocabulary_pattern)
-from megatron.utils.atomic import atomic_write_text
+from megatron.utils.atomic import atomic_write_text, fsync_path, fsync_tree
 
 UNIVERSAL_MARKER = "universal.json"  # written last: the conversion is complete
 
@@ -99,7 +99,9 @@ def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_targe
     rename_parameters(staging, pipelined_target, num_layers)
     if output_dir.exists():
         shutil.rmtree(output_dir)
+    fsync_tree(staging)
     os.rename(staging, output_dir)
+    fsync_path(output_dir.parent)
     # The converter pointed DeepSpeed's ``latest_universal`` at the staging name; name the result.
     atomic_write_text(output_dir.parent / LATEST_UNIVERSAL_FILE, output_dir.name)
 
@@ -127,7 +129,7 @@ def rename_parameters(universal_dir: Path, pipelined_target: bool, num_layers: i
         new = pipeline_name(folder.name, num_layers) if pipelined_target else flat_name(folder.name, num_layers)
         os.rename(folder, zero / new)
     info["naming"] = wanted
-    marker.write_text(json.dumps(info) + "\n")
+    atomic_write_text(marker, json.dumps(info) + "\n")
 
 
 def _naming_of(universal_dir: Path) -> str:

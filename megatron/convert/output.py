@@ -1,6 +1,8 @@
 """A converter's output folder appears complete or not at all: it is filled under
 ``<output>.tmp`` and renamed over ``output`` when done (an old ``output`` is moved aside first and
-deleted last, so an interruption never leaves neither)."""
+deleted last, so an interruption never leaves neither). The folder follows
+megatron/utils/atomic.py's durability rule one level up: its files are fsynced before the rename,
+the parent directory after it."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from megatron.errors import ConversionError
+from megatron.utils.atomic import fsync_path, fsync_tree
 
 
 def prepare_output(output: Path, overwrite: bool) -> Path:
@@ -30,6 +33,8 @@ def publish(tmp: Path, output: Path) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(output, old)
+    fsync_tree(tmp)
     os.replace(tmp, output)
+    fsync_path(output.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 import warnings
 from importlib import resources
 from typing import Any, Sequence
@@ -36,6 +35,7 @@ import numpy as np
 
 from megatron.data.blend_weights import normalize_weights
 from megatron.data.index_cache import build_once_and_load
+from megatron.utils.atomic import atomic_path
 
 __all__ = [
     "BlendedDataset",
@@ -84,16 +84,10 @@ def _native_kernel() -> Any | None:
             so_path = os.path.join(directory, f"blend_kernel_{key}.so")
             if not os.path.isfile(so_path):
                 os.makedirs(directory, exist_ok=True)
-                tmp_so = f"{so_path}.{os.getpid()}_{uuid.uuid4().hex[:8]}.tmp"
-                try:
-                    with resources.as_file(kernel_file) as src:
-                        # No FMA contraction: the result must equal the numpy fallback bit for bit.
-                        cmd = [compiler, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", tmp_so, str(src)]
-                        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-                    os.replace(tmp_so, so_path)
-                finally:
-                    if os.path.exists(tmp_so):
-                        os.remove(tmp_so)
+                with atomic_path(so_path) as tmp_so, resources.as_file(kernel_file) as src:
+                    # No FMA contraction: the result must equal the numpy fallback bit for bit.
+                    cmd = [compiler, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(tmp_so), str(src)]
+                    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             lib = ctypes.CDLL(so_path)
         except (OSError, subprocess.SubprocessError) as e:
             # The numpy fallback gives the same indices, ~40x slower: worth a line, not a failure.

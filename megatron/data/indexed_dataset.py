@@ -40,6 +40,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from megatron.utils.atomic import atomic_path, create_temporary
+
 __all__ = [
     "HEADER_MAGIC",
     "HEADER_SIZE",
@@ -175,10 +177,11 @@ def _encode_index(dtype: np.dtype, sizes: np.ndarray, doc_idx: np.ndarray) -> by
 class IndexedDatasetBuilder:
     """Writes a ``.bin``/``.idx`` pair, Megatron's ``MMapIndexedDatasetBuilder`` equivalent.
 
-    Token ids go to ``BIN_PATH.tmp`` as they arrive; :meth:`finalize` writes the index and
-    only then renames both files to their real names, ``.idx`` last. A run that dies
-    half-way leaves only ``*.tmp`` files, never a pair that looks complete. Used as a
-    context manager, an exception removes the temporary files::
+    Token ids go to a hidden temporary next to ``BIN_PATH`` as they arrive; :meth:`finalize`
+    writes the index and only then renames both files to their real names, ``.idx`` last
+    (megatron/utils/atomic.py's durability rule). A run that dies half-way leaves only hidden
+    temporaries, never a pair that looks complete. Used as a context manager, an exception
+    removes the temporary files::
 
         with IndexedDatasetBuilder("out_text_document.bin", np.uint16) as b:
             b.add_document([1, 2, 3])
@@ -190,8 +193,9 @@ class IndexedDatasetBuilder:
         self.dtype = np.dtype(dtype).newbyteorder("=")
         dtype_code(self.dtype)  # fail now, not at finalize
         self._disk_dtype = _le(self.dtype)
-        self._tmp_bin = self.bin_path + ".tmp"
-        self._file = open(self._tmp_bin, "wb")
+        fd, tmp = create_temporary(self.bin_path)
+        self._tmp_bin = os.fspath(tmp)
+        self._file = os.fdopen(fd, "wb")
         self._sizes = _Growable()
         self._doc_idx = _Growable()
         self._doc_idx.append(0)
@@ -311,21 +315,21 @@ class IndexedDatasetBuilder:
         idx_path = os.fspath(idx_path)
         if self._doc_idx.last() != len(self._sizes):
             self._doc_idx.append(len(self._sizes))
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
-        tmp_idx = idx_path + ".tmp"
         try:
-            with open(tmp_idx, "wb") as f:
-                f.write(_encode_index(self.dtype, self._sizes.view(), self._doc_idx.view()))
-            # Drop a previous .idx first: a crash between the two renames must not pair the
-            # new .bin with an old index. The .idx appears last, marking the pair complete.
-            if os.path.lexists(idx_path):
-                os.remove(idx_path)
-            os.replace(self._tmp_bin, self.bin_path)
-            os.replace(tmp_idx, idx_path)
+            with atomic_path(idx_path) as tmp_idx:
+                with open(tmp_idx, "wb") as f:
+                    f.write(_encode_index(self.dtype, self._sizes.view(), self._doc_idx.view()))
+                # Drop a previous .idx first: a crash between the two renames must not pair the
+                # new .bin with an old index. The .idx appears last, marking the pair complete.
+                if os.path.lexists(idx_path):
+                    os.remove(idx_path)
+                os.replace(self._tmp_bin, self.bin_path)
         except BaseException:
-            for p in (tmp_idx, self._tmp_bin):
-                if os.path.exists(p):
-                    os.remove(p)
+            if os.path.exists(self._tmp_bin):
+                os.remove(self._tmp_bin)
             raise
         self._finalized = True
 

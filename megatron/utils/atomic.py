@@ -14,7 +14,7 @@ A failure before step 3 removes the temporary and leaves the target as it was.
 
 Whole directories follow the same rule one level up, as a checkpoint's commit does
 (``CheckpointStore.commit``): write everything under a temporary name next to the target,
-``fsync_path`` every file, rename the directory, ``fsync_path`` its parent.
+``fsync_tree`` it, rename the directory, ``fsync_path`` its parent.
 
 ``tempfile.mkstemp`` is not used for the temporary file: it creates files 0600 whatever the
 umask, and the rename keeps the mode, so config.yaml or a checkpoint's files would be unreadable
@@ -46,6 +46,18 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(directory: str | os.PathLike) -> list[Path]:
+    """fsync every file under ``directory`` and every directory in it (step 2 of the rule for a
+    whole directory, before its rename); returns the files, sorted."""
+    files = []
+    for path in sorted(Path(directory).rglob("*")):
+        fsync_path(path)
+        if path.is_file():
+            files.append(path)
+    fsync_path(directory)
+    return files
 
 
 def create_temporary(path: str | os.PathLike) -> tuple[int, Path]:
