@@ -44,12 +44,14 @@ try:
     from megatron.data.document_readers import PreprocessError
     from megatron.data.preprocess import Job, corpus_jobs, run
     from megatron.data.preprocess_summary import format_summary, summary_dict, total_summary
+    from megatron.utils.atomic import atomic_write_text
     from megatron.utils.terminal import show_progress
 except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from megatron.data.document_readers import PreprocessError
     from megatron.data.preprocess import Job, corpus_jobs, run
     from megatron.data.preprocess_summary import format_summary, summary_dict, total_summary
+    from megatron.utils.atomic import atomic_write_text
     from megatron.utils.terminal import show_progress
 
 
@@ -116,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {out}.bin / .idx")
     if args.summary_json is not None:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps(summary_dict(total, summaries, args.workers), indent=1) + "\n")
+        atomic_write_text(args.summary_json, json.dumps(summary_dict(total, summaries, args.workers), indent=1) + "\n")
     return 0
 
 
