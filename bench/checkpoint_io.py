@@ -128,11 +128,13 @@ def measure(bf16: bool, repeats: int) -> dict:
         tag, temporary = f"global_step{100 + i}", new_temporary_tag(f"global_step{100 + i}")
         state["iteration"] = 100 + i
         client = checkpointer._client_state(state, schedule)
+        # Each phase runs in this iteration, so binding the loop's names as defaults is only for clarity.
         phases = {
-            "save: DeepSpeed save_checkpoint": lambda: engine.save_checkpoint(
+            "save: DeepSpeed save_checkpoint": lambda temporary=temporary, client=client: engine.save_checkpoint(
                 cfg.checkpoint.save, tag=temporary, client_state=client, save_latest=False),
-            "save: layer files": lambda: checkpointer._write_layer_files(engine, Path(cfg.checkpoint.save) / temporary),
-            "save: commit (fsync, manifest, rename, latest)": lambda: store.commit(
+            "save: layer files": lambda temporary=temporary: checkpointer._write_layer_files(
+                engine, Path(cfg.checkpoint.save) / temporary),
+            "save: commit (fsync, manifest, rename, latest)": lambda temporary=temporary, tag=tag: store.commit(
                 temporary, tag, {"layout": checkpointer.layout()}),
         }
         os.sync()  # no write-back of the previous save running underneath this one
@@ -151,7 +153,7 @@ def measure(bf16: bool, repeats: int) -> dict:
             seconds, resume = timed(checkpointer.find_resume_point)
             times.setdefault(f"load ({cache} cache): find and verify the newest checkpoint", []).append(seconds)
             times.setdefault(f"load ({cache} cache): engine.load_checkpoint", []).append(
-                timed(lambda: checkpointer.load(fresh, resume))[0])
+                timed(lambda resume=resume: checkpointer.load(fresh, resume))[0])
     for a, b in zip(engine.module.parameters(), fresh.module.parameters()):
         assert a.detach().equal(b.detach()), "the loaded weights differ from the saved ones"
     files = json.loads((store.directory / resume.tag / "manifest.json").read_text())["files"]
@@ -194,7 +196,8 @@ def main(argv=None) -> int:
             print(f"  {kind:<52s} {size / 1e6:8.2f} MB")
     import torch
 
-    record = {"command": "python " + " ".join(shlex.quote(a) for a in ["bench/checkpoint_io.py", *(argv or sys.argv[1:])]),
+    command = ["bench/checkpoint_io.py", *(argv or sys.argv[1:])]
+    record = {"command": "python " + " ".join(shlex.quote(a) for a in command),
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpus": os.cpu_count(), "torch": torch.__version__},
               "results": results}

@@ -65,7 +65,8 @@ def run(bf16: str, steps: int, tmp: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"run with training.bf16={bf16} failed:\n{done.stderr[-3000:]}")
     times = [r["iteration-time"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
-    precision = next((line.split("precision: ", 1)[1] for line in done.stderr.splitlines() if "precision: " in line), "")
+    precision = next((line.split("precision: ", 1)[1] for line in done.stderr.splitlines() if "precision: " in line),
+                     "")
     return {"training.bf16": bf16, "precision": precision, "first_step_s": times[0],
             "later_steps_s": sum(times[1:]) / max(len(times) - 1, 1), "wall_s": wall}
 

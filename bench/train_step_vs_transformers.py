@@ -116,11 +116,13 @@ def main(argv=None) -> int:
     print(f"speed-up of ours over transformers: {ratio:.2f}x")
     print(f"first-step losses: ours {losses['ours'][0]:.6f}, transformers {losses['transformers'][0]:.6f}")
     result = {
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT),
+                                         *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "python": platform.python_version()},
-        "config": vars(args) | {"output": str(args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output)},
+        "config": vars(args) | {"output": str(args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT)
+                                              else args.output)},
         "ms_per_step": ms,
         "all_step_seconds": times,
         "speedup": ratio,

@@ -369,7 +369,8 @@ def _validate_rampup(t: TrainingConfig) -> None:
 
 def _validate_data(d: DataConfig) -> None:
     names = [s.name for s in d.datasets]
-    _require(len(names) == len(set(names)), f"data.datasets has duplicate names: {sorted(set(n for n in names if names.count(n) > 1))}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    _require(not duplicates, f"data.datasets has duplicate names: {duplicates}")
     for i, spec in enumerate(d.datasets):
         _require(bool(spec.name) and bool(spec.prefix), f"data.datasets[{i}] needs both name and prefix")
         _require(spec.weight is None or spec.weight >= 0, f"data.datasets[{i}] ({spec.name}): weight must be >= 0")

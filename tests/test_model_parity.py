@@ -86,7 +86,9 @@ def test_alibi_slopes_are_sliced_contiguously_per_tp_rank():
 def test_initialisation_follows_bloom():
     cfg = ModelConfig(num_layers=8, hidden_size=256, num_attention_heads=4, vocab_size=512, init_method_std=0.02)
     model = build_model(cfg)
-    std = lambda name: dict(model.named_parameters())[name].std().item()
+    def std(name: str) -> float:
+        return dict(model.named_parameters())[name].std().item()
+
     assert std("layers.0.self_attention.query_key_value.weight") == pytest.approx(0.02, rel=0.05)
     assert std("layers.0.mlp.dense_4h_to_h.weight") == pytest.approx(0.02 / 4.0, rel=0.05)  # 1/sqrt(2 x 8)
     assert std("layers.0.self_attention.dense.weight") == pytest.approx(0.02 / 4.0, rel=0.05)

@@ -122,7 +122,7 @@ def test_group_membership_on_four_ranks():
             layout, got = ParallelLayout(4, tp, pp), found[(tp, pp)]
             coord = layout.coord(rank)
 
-            def mine(groups: list[list[int]]) -> list[int]:
+            def mine(groups: list[list[int]], rank: int = rank) -> list[int]:
                 (group,) = [g for g in groups if rank in g]
                 return group
 

@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         summary = import_from_hf(args.hf, args.output, tp=args.tp, pp=args.pp, step=args.step, dtype=args.dtype,
-                                 base_config=args.base_config, overwrite=args.overwrite, progress=show_progress(args.quiet))
+                                 base_config=args.base_config, overwrite=args.overwrite,
+                                 progress=show_progress(args.quiet))
     except KeyboardInterrupt:
         print("convert_from_hf: interrupted; no output was kept", file=sys.stderr)
         return 130

@@ -23,7 +23,8 @@ def hf_to_ours_state_dict(hf_state: Mapping[str, torch.Tensor]) -> dict[str, tor
     head = hf_state.get(HF_TIED_HEAD)
     embedding = ours.get("embedding.word_embeddings.weight")
     if head is not None and embedding is not None and not torch.equal(head, embedding):
-        raise ValueError("lm_head.weight differs from word_embeddings.weight: BLOOM ties them; this checkpoint is not a BLOOM")
+        raise ValueError("lm_head.weight differs from word_embeddings.weight: BLOOM ties them; this checkpoint is not "
+                         "a BLOOM")
     return ours
 
 

@@ -218,7 +218,8 @@ class BloomForCausalLM(nn.Module):
         return lm_head_logits(self.final_layernorm(hidden), self.embedding.word_embeddings)
 
     @torch.no_grad()
-    def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int, eos_id: Optional[int] = None) -> torch.Tensor:
+    def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int,
+                        eos_id: Optional[int] = None) -> torch.Tensor:
         """Greedy continuation on a single device (no KV cache: for small models, demos and tests)."""
         tokens = input_ids
         for _ in range(max_new_tokens):
