@@ -33,7 +33,8 @@ from megatron.training.engine import set_learning_rate
 from megatron.training.lifecycle import RunLifecycle
 from megatron.training.logging import MetricsLogger, ProgressLines, console, format_train_line
 from megatron.training.metrics import throughput
-from megatron.training.schedules import BatchSizeRampup, LearningRateSchedule, total_train_samples
+from megatron.training.schedules import (
+    BatchSizeRampup, LearningRateSchedule, total_train_iterations, total_train_samples)
 from megatron.training.steps import EngineSteps, PipelineSteps
 from megatron.utils.terminal import show_progress
 
@@ -209,13 +210,7 @@ class Trainer:
 
     def total_iterations(self) -> int:
         """Iterations in the whole run (with ramp-up, counted by replaying the ramp)."""
-        if self.cfg.training.train_iters is not None:
-            return self.cfg.training.train_iters
-        steps, consumed = 0, 0
-        while consumed < self.train_samples:
-            consumed += self.rampup(consumed)
-            steps += 1
-        return steps
+        return total_train_iterations(self.cfg.training, self.rampup)
 
     def train(self) -> TrainState:
         """Run until the configured number of samples (or iterations) is consumed, or until the
