@@ -92,6 +92,7 @@ class Trainer:
         self.steps = steps(engine, parallel, info.device, cfg.model.use_fused_kernels)
         self.rampup = BatchSizeRampup.from_config(cfg.training)
         self.train_samples = total_train_samples(cfg.training, self.rampup)
+        self.total_iterations = total_train_iterations(cfg.training, self.rampup)
         self.schedule = LearningRateSchedule.from_config(cfg.optimizer, self.train_samples, cfg.model.seq_length)
         self._batches: Iterator[dict[str, torch.Tensor]] = iter(data.train_loader(self.state.consumed_samples))
         if resumed is not None:
@@ -208,15 +209,11 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def total_iterations(self) -> int:
-        """Iterations in the whole run (with ramp-up, counted by replaying the ramp)."""
-        return total_train_iterations(self.cfg.training, self.rampup)
-
     def train(self) -> TrainState:
         """Run until the configured number of samples (or iterations) is consumed, or until the
         lifecycle asks to stop; either way the run ends with a checkpoint when saving is on."""
         cfg, s = self.cfg, self.state
-        total = self.total_iterations()
+        total = self.total_iterations
         self.lifecycle.begin(s.iteration)
         self.stop_reason = self.lifecycle.check_before_start()
         if self.stop_reason:
@@ -284,7 +281,7 @@ class Trainer:
         scalars.update(_memory_stats(self.info.device))
         self.logger.log(s.iteration, scalars, kind="train", samples=s.consumed_samples, tokens=s.consumed_tokens)
         if self.info.rank == 0:
-            console(format_train_line(s.iteration, self.total_iterations(), scalars, s.consumed_samples,
+            console(format_train_line(s.iteration, self.total_iterations, scalars, s.consumed_samples,
                                       s.consumed_tokens))
 
     def _log_eval(self, final: bool = False) -> None:
