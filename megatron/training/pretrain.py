@@ -5,6 +5,7 @@ data, model and engine (resuming from the newest checkpoint), then hands them to
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from pathlib import Path
@@ -75,24 +76,20 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
         # fresh optimizer, from iteration 0. Loaded before DeepSpeed copies the master weights.
         load_layer_files_into(model, weights_only, parallel, cfg.model.num_layers)
         logging.getLogger(__name__).info("initialised the weights from %s (fresh optimizer)", weights_only)
-    resume = None if weights_only is not None else checkpointer.find_resume_point()
-    if resume is not None:
-        checkpointer.prepare(resume)
     # With a pipeline DeepSpeed builds its grid from the PipelineModule's topology and refuses an mpu.
-    engine = build_engine(cfg, model, parallel.dp_size, rampup(0), mpu=None if parallel.pp_size > 1 else parallel,
-                          load_universal=resume is not None and resume.universal)
-    loaded = checkpointer.load(engine, resume) if resume is not None else None
-    state = TrainState.from_dict(loaded.train_state) if loaded else TrainState()
+    engine_for = functools.partial(build_engine, cfg, model, parallel.dp_size, rampup(0),
+                                   mpu=None if parallel.pp_size > 1 else parallel)
+    resumed = checkpointer.resume(engine_for, search=weights_only is None)
     logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard_dir, info.rank)
     try:
-        trainer = Trainer(cfg, info, parallel, engine, data, logger, state, checkpointer, lifecycle, loaded)
+        trainer = Trainer(cfg, info, parallel, resumed, data, logger, checkpointer, lifecycle)
         state = trainer.train()
         if on_finish is not None:
-            on_finish(engine, parallel)
+            on_finish(resumed.engine, parallel)
         finished = trainer.stop_reason is None
         if finished and info.rank == 0 and cfg.logging.sample_prompts and parallel.tp_size * parallel.pp_size == 1:
             print("greedy continuations:", flush=True)
-            print_samples(cfg, engine.module, data.tokenizer, info.device)
+            print_samples(cfg, resumed.engine.module, data.tokenizer, info.device)
     finally:
         logger.close()
         shutdown_distributed()

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from megatron.checkpoint.checkpointing import Checkpointer, LoadedCheckpoint
+from megatron.checkpoint.checkpointing import Checkpointer, Resumed
 from megatron.config import Config
 from megatron.core.distributed import DistributedInfo
 from megatron.core.parallel_state import ParallelState
@@ -61,43 +61,40 @@ class TrainState:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-
 class Trainer:
     """Owns the loop; every collaborator is passed in, nothing is global.
 
-    ``resumed`` is the checkpoint the state came from: its random streams are restored once the
-    data iterator exists (creating it draws from torch's generator), so the resumed run draws
-    exactly what the uninterrupted run drew.
+    ``resumed`` holds the engine and the checkpoint it was loaded from, if any: the loop
+    continues from that checkpoint's state, and its random streams are restored once the data
+    iterator exists, so the resumed run draws exactly what the uninterrupted run drew.
     """
 
-    def __init__(self, cfg: Config, info: DistributedInfo, parallel: ParallelState, engine, data: TrainingData,
-                 logger: MetricsLogger, state: Optional[TrainState] = None,
-                 checkpointer: Optional[Checkpointer] = None, lifecycle: Optional[RunLifecycle] = None,
-                 resumed: Optional[LoadedCheckpoint] = None):
+    def __init__(self, cfg: Config, info: DistributedInfo, parallel: ParallelState, resumed: Resumed,
+                 data: TrainingData, logger: MetricsLogger, checkpointer: Checkpointer, lifecycle: RunLifecycle):
         self.cfg = cfg
         self.info = info
         self.parallel = parallel
-        self.engine = engine
+        self.engine = resumed.engine
         self.data = data
         self.logger = logger
-        self.state = state or TrainState()
-        self.checkpointer = checkpointer or Checkpointer(cfg, parallel)
-        self.lifecycle = lifecycle or RunLifecycle(cfg.training, time.time())
+        loaded = resumed.checkpoint
+        self.state = TrainState.from_dict(loaded.train_state) if loaded is not None else TrainState()
+        self.checkpointer = checkpointer
+        self.lifecycle = lifecycle
         self.stop_reason: Optional[str] = None  # why the run stopped before the end, if it did
         # A resumed run need not save again before its first step (same directory only).
         same_directory = cfg.checkpoint.load == cfg.checkpoint.save
-        self._saved_iteration: Optional[int] = (resumed.train_state["iteration"] if resumed and same_directory
-                                                else None)
+        self._saved_iteration: Optional[int] = self.state.iteration if loaded is not None and same_directory else None
         steps = PipelineSteps if parallel.pp_size > 1 else EngineSteps
-        self.steps = steps(engine, parallel, info.device, cfg.model.use_fused_kernels)
+        self.steps = steps(self.engine, parallel, info.device, cfg.model.use_fused_kernels)
         self.rampup = BatchSizeRampup.from_config(cfg.training)
         self.train_samples = total_train_samples(cfg.training, self.rampup)
         self.total_iterations = total_train_iterations(cfg.training, self.rampup)
         self.schedule = LearningRateSchedule.from_config(cfg.optimizer, self.train_samples, cfg.model.seq_length)
         self._batches: Iterator[dict[str, torch.Tensor]] = iter(data.train_loader(self.state.consumed_samples))
-        if resumed is not None:
-            self._check_schedule(resumed.schedule)
-            self.checkpointer.restore_rng(resumed)
+        if loaded is not None:
+            self._check_schedule(loaded.schedule)
+            self.checkpointer.restore_rng(loaded)
 
     def _check_schedule(self, saved: dict[str, Any]) -> None:
         """Warn when the resumed run's next learning rate or batch size is not the saved run's
