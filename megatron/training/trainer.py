@@ -31,7 +31,7 @@ from megatron.core.tensor_parallel import check_tp_duplicates_in_sync
 from megatron.training.data import TrainingData
 from megatron.training.engine import set_learning_rate
 from megatron.training.lifecycle import RunLifecycle
-from megatron.training.logging import MetricsLogger, ProgressLines, console, format_train_line
+from megatron.training.logging import MetricsLogger, ProgressLines, console, format_train_line, train_scalars
 from megatron.training.metrics import throughput
 from megatron.training.schedules import (
     BatchSizeRampup, LearningRateSchedule, total_train_iterations, total_train_samples)
@@ -59,6 +59,18 @@ class TrainState:
         """From a checkpoint's ``train_state``; fields unknown to this version are ignored."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one iteration did: the loop reads it, megatron/training/logging.py names it for the logs."""
+
+    loss: float  # mean over the global batch; NaN when the iteration's data was skipped
+    learning_rate: float
+    batch_size: int
+    grad_norm: Optional[float]  # None when no update was applied
+    skipped: bool  # no update: a non-finite loss or gradient, or the data skipped on purpose
+    data_skipped: bool  # in training.skip_train_iteration_range: the data was read, not trained on
 
 
 class Trainer:
@@ -115,8 +127,8 @@ class Trainer:
             self.engine.set_train_batch_size(batch_size)
         return batch_size, self.schedule(self.state.consumed_samples, self.state.consumed_tokens)
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step over the current global batch; returns the step's scalars."""
+    def train_step(self) -> StepResult:
+        """One optimizer step over the current global batch."""
         batch_size, lr = self._prepare_step()
         set_learning_rate(self.engine, lr)
         skipped_before = self.engine.skipped_steps
@@ -125,10 +137,9 @@ class Trainer:
         self._advance(batch_size, skipped)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
-        return {"lm loss": loss, "learning-rate": lr, "batch-size": batch_size,
-                "grad-norm": None if skipped else grad_norm, "skipped": skipped}
+        return StepResult(loss, lr, batch_size, None if skipped else grad_norm, skipped, data_skipped=False)
 
-    def skip_step(self) -> dict[str, Any]:
+    def skip_step(self) -> StepResult:
         """An iteration of ``training.skip_train_iteration_range``: its micro-batches are read and
         dropped (the data position moves on as if trained), no forward, backward or update."""
         batch_size, lr = self._prepare_step()
@@ -139,8 +150,7 @@ class Trainer:
         if self.info.rank == 0:
             console(f"iteration {self.state.iteration}: skipped by training.skip_train_iteration_range "
                        f"({batch_size} samples of data consumed, no update)")
-        return {"lm loss": float("nan"), "learning-rate": lr, "batch-size": batch_size, "grad-norm": None,
-                "skipped": True, "data-skipped": True}
+        return StepResult(float("nan"), lr, batch_size, None, skipped=True, data_skipped=True)
 
     def check_tp_duplicates(self) -> None:
         """Fail loudly when parameters duplicated across TP ranks (LayerNorms, row-parallel
@@ -228,14 +238,14 @@ class Trainer:
         while s.iteration < total:
             start = time.perf_counter()
             step = self.skip_step() if self.lifecycle.skips(s.iteration + 1) else self.train_step()
-            if not step.get("data-skipped"):  # a skipped iteration's data is read, not trained on
+            if not step.data_skipped:  # a skipped iteration's data is read, not trained on
                 window_time += time.perf_counter() - start
-                window_samples += step["batch-size"]
+                window_samples += step.batch_size
             window.append(step)
             progress.update(1)
-            progress.set_postfix(loss=f"{step['lm loss']:.3f}", lr=f"{step['learning-rate']:.2e}")
+            progress.set_postfix(loss=f"{step.loss:.3f}", lr=f"{step.learning_rate:.2e}")
             if s.iteration % log_every == 0 or s.iteration == total:
-                self._log_train(window, window_time, window_samples, progress)
+                self._log_train(window, window_time, window_samples)
                 window_time, window_samples, window = 0.0, 0, []
             if eval_every and (s.iteration % eval_every == 0 or s.iteration == total):
                 self._log_eval(final=s.iteration == total)
@@ -255,26 +265,11 @@ class Trainer:
             console(f"stopping at iteration {s.iteration}/{total}: {self.stop_reason}; {saved}")
         return s
 
-    def _log_train(self, window: list[dict[str, Any]], seconds: float, samples: int, progress: tqdm) -> None:
+    def _log_train(self, window: list[StepResult], seconds: float, samples: int) -> None:
         cfg, s = self.cfg, self.state
-        finite = [w["lm loss"] for w in window if not w["skipped"]]
-        norms = [w["grad-norm"] for w in window if w["grad-norm"] is not None]
-        last = window[-1]
-        trained = sum(1 for w in window if not w.get("data-skipped"))
-        scalars = {
-            "lm loss": sum(finite) / len(finite) if finite else float("nan"),
-            "learning-rate": last["learning-rate"],
-            "batch-size": last["batch-size"],
-            "grad-norm": norms[-1] if norms else None,
-            "skipped-iterations": s.skipped_iterations,
-            "consumed-tokens": s.consumed_tokens,
-            "iteration-time": seconds / max(trained, 1),
-        }
-        scalars.update(throughput(cfg.model, cfg.padded_vocab_size, samples, seconds, self.info.world_size,
-                                  cfg.training.checkpoint_activations, cfg.logging.peak_flops_per_device))
-        dp = self.parallel.dp_size
-        scalars["samples-per-second-per-replica"] = scalars["samples-per-second"] / dp
-        scalars["tokens-per-second-per-replica"] = scalars["tokens-per-second"] / dp
+        speed = throughput(cfg.model, cfg.padded_vocab_size, samples, seconds, self.info.world_size,
+                           cfg.training.checkpoint_activations, cfg.logging.peak_flops_per_device)
+        scalars = train_scalars(window, seconds, s.skipped_iterations, s.consumed_tokens, speed, self.parallel.dp_size)
         scalars.update(_memory_stats(self.info.device))
         self.logger.log(s.iteration, scalars, kind="train", samples=s.consumed_samples, tokens=s.consumed_tokens)
         if self.info.rank == 0:
