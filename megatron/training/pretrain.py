@@ -28,7 +28,7 @@ from megatron.training.data import build_training_data
 from megatron.training.engine import build_engine
 from megatron.training.environment import describe_environment, write_environment
 from megatron.training.lifecycle import RunLifecycle, job_start_time
-from megatron.training.logging import MetricsLogger
+from megatron.training.logging import MetricsLogger, console
 from megatron.training.precision import announce, resolve_precision
 from megatron.training.schedules import BatchSizeRampup
 from megatron.training.trainer import Trainer, TrainState
@@ -88,7 +88,7 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
             on_finish(resumed.engine, parallel)
         finished = trainer.stop_reason is None
         if finished and info.rank == 0 and cfg.logging.sample_prompts and parallel.tp_size * parallel.pp_size == 1:
-            print("greedy continuations:", flush=True)
+            console("greedy continuations:")
             print_samples(cfg, resumed.engine.module, data.tokenizer, info.device)
     finally:
         logger.close()
@@ -164,4 +164,4 @@ def print_samples(cfg: Config, model: torch.nn.Module, tokenizer, device: torch.
         ids = torch.tensor([tokenizer.encode(prompt)], device=device)
         out = model.generate_greedy(ids, cfg.logging.sample_tokens, eos_id=tokenizer.eod_id)
         text = tokenizer.decode(out[0, ids.shape[1]:].tolist())
-        print(f"  {prompt!r} -> {text!r}", flush=True)
+        console(f"  {prompt!r} -> {text!r}")

@@ -117,7 +117,7 @@ class Trainer:
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
         if changed and self.info.rank == 0:
             console(f"warning: resuming at iteration {s.iteration} with {changed} (checkpoint, now): the "
-                       "optimizer or training settings differ from the saved run's")
+                    "optimizer or training settings differ from the saved run's")
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -149,7 +149,7 @@ class Trainer:
         self.state.data_skipped_iterations += 1
         if self.info.rank == 0:
             console(f"iteration {self.state.iteration}: skipped by training.skip_train_iteration_range "
-                       f"({batch_size} samples of data consumed, no update)")
+                    f"({batch_size} samples of data consumed, no update)")
         return StepResult(float("nan"), lr, batch_size, None, skipped=True, data_skipped=True)
 
     def check_tp_duplicates(self) -> None:
