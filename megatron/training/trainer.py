@@ -104,6 +104,9 @@ class Trainer:
         self.total_iterations = total_train_iterations(cfg.training, self.rampup)
         self.schedule = LearningRateSchedule.from_config(cfg.optimizer, self.train_samples, cfg.model.seq_length)
         self._batches: Iterator[dict[str, torch.Tensor]] = iter(data.train_loader(self.state.consumed_samples))
+        # Every evaluation reads the same batches: read them once, before the first step. Creating
+        # their loaders draws from torch's generator; a resumed run restores its streams after it.
+        self._valid_batches = data.valid_batches(cfg.logging.eval_iters) if cfg.logging.eval_interval else {}
         if loaded is not None:
             self._check_schedule(loaded.schedule)
             self.checkpointer.restore_rng(loaded)
@@ -186,14 +189,14 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
 
-    def eval_languages(self, final: bool) -> Optional[list[str]]:
-        """Languages to evaluate now (None: all): ``logging.eval_languages_per_interval`` of them,
-        in turn. The turn is a function of the iteration, so a resumed run picks what the
+    def eval_languages(self, final: bool) -> list[str]:
+        """Languages to evaluate now: all, or ``logging.eval_languages_per_interval`` of them in
+        turn. The turn is a function of the iteration, so a resumed run picks what the
         uninterrupted one would have."""
         n, every = self.cfg.logging.eval_languages_per_interval, self.cfg.logging.eval_interval
         languages = self.data.valid_languages
         if final or n is None or n >= len(languages) or not every:
-            return None
+            return languages
         start = (self.state.iteration // every) * n
         return [languages[(start + i) % len(languages)] for i in range(n)]
 
@@ -203,7 +206,8 @@ class Trainer:
         (at ``final``, every language whatever ``logging.eval_languages_per_interval`` says)."""
         self.engine.eval()
         results = {}
-        sets = self.data.valid_batches(self.cfg.logging.eval_iters, self.eval_languages(final))
+        names = ["overall", *self.eval_languages(final)]
+        sets = {name: self._valid_batches[name] for name in names if name in self._valid_batches}
         progress = ProgressLines(f"validation at iteration {self.state.iteration}", len(sets), self.info.rank == 0)
         for done, (name, batches) in enumerate(sets.items()):
             progress.update(done)
