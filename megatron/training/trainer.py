@@ -104,9 +104,10 @@ class Trainer:
         self.total_iterations = total_train_iterations(cfg.training, self.rampup)
         self.schedule = LearningRateSchedule.from_config(cfg.optimizer, self.train_samples, cfg.model.seq_length)
         self._batches: Iterator[dict[str, torch.Tensor]] = iter(data.train_loader(self.state.consumed_samples))
-        # Every evaluation reads the same batches: read them once, before the first step. Creating
-        # their loaders draws from torch's generator; a resumed run restores its streams after it.
-        self._valid_batches = data.valid_batches(cfg.logging.eval_iters) if cfg.logging.eval_interval else {}
+        # Every evaluation reads the same batches: read them once. Their loaders' draws from torch's
+        # generator are undone here and made at each evaluation instead (see evaluate).
+        with torch.random.fork_rng(devices=[]):
+            self._valid_batches = data.valid_batches(cfg.logging.eval_iters) if cfg.logging.eval_interval else {}
         if loaded is not None:
             self._check_schedule(loaded.schedule)
             self.checkpointer.restore_rng(loaded)
@@ -208,6 +209,11 @@ class Trainer:
         results = {}
         names = ["overall", *self.eval_languages(final)]
         sets = {name: self._valid_batches[name] for name in names if name in self._valid_batches}
+        # Evaluations used to open a DataLoader per set, which draws a seed from torch's generator:
+        # draw as many, so that runs with dropout (and their checkpoints) stay bit for bit those of
+        # earlier versions.
+        for _ in sets:
+            torch.empty((), dtype=torch.int64).random_()
         progress = ProgressLines(f"validation at iteration {self.state.iteration}", len(sets), self.info.rank == 0)
         for done, (name, batches) in enumerate(sets.items()):
             progress.update(done)
