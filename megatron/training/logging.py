@@ -181,6 +181,24 @@ def train_scalars(window: Sequence[StepResult], seconds: float, skipped_iteratio
     return scalars
 
 
+def valid_scalars(losses: dict[str, float]) -> dict[str, float]:
+    """Validation losses by set ("overall": the blend) under our names, each with its perplexity:
+    ``validation loss``, ``validation ppl``, ``validation/{language} loss``, ..."""
+    scalars = {}
+    for name, loss in losses.items():
+        key = "validation" if name == "overall" else f"validation/{name}"
+        scalars[f"{key} loss"] = loss
+        scalars[f"{key} ppl"] = math.exp(min(loss, 20.0))  # Megatron's cap: an untrained model's is astronomical
+    return scalars
+
+
+def format_valid_line(step: int, scalars: dict[str, float], evaluated_languages: int, languages: int) -> str:
+    """One console line per evaluation: the blend's loss and perplexity, and how many languages
+    of how many were evaluated (``logging.eval_languages_per_interval`` rotates them)."""
+    return (f"validation at iteration {step}: loss {scalars['validation loss']:.4f}, "
+            f"ppl {scalars['validation ppl']:.2f} (blend; {evaluated_languages} of {languages} languages evaluated)")
+
+
 def format_train_line(step: int, total_steps: int, scalars: dict[str, Any], consumed_samples: int,
                       consumed_tokens: int) -> str:
     """One console line in Megatron-DeepSpeed's format (BLOOM's logs), plus MFU when known."""

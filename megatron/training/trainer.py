@@ -31,7 +31,8 @@ from megatron.core.tensor_parallel import check_tp_duplicates_in_sync
 from megatron.training.data import TrainingData
 from megatron.training.engine import set_learning_rate
 from megatron.training.lifecycle import RunLifecycle
-from megatron.training.logging import MetricsLogger, ProgressLines, console, format_train_line, train_scalars
+from megatron.training.logging import (
+    MetricsLogger, ProgressLines, console, format_train_line, format_valid_line, train_scalars, valid_scalars)
 from megatron.training.metrics import throughput
 from megatron.training.schedules import (
     BatchSizeRampup, LearningRateSchedule, total_train_iterations, total_train_samples)
@@ -203,10 +204,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, final: bool = False) -> dict[str, float]:
-        """Validation loss and perplexity, overall and per language, averaged over tokens and DP ranks
-        (at ``final``, every language whatever ``logging.eval_languages_per_interval`` says)."""
+        """Validation loss of the blend ("overall") and of each language evaluated now, averaged
+        over tokens and DP ranks (at ``final``, every language whatever
+        ``logging.eval_languages_per_interval`` says)."""
         self.engine.eval()
-        results = {}
+        losses = {}
         names = ["overall", *self.eval_languages(final)]
         sets = {name: self._valid_batches[name] for name in names if name in self._valid_batches}
         # Evaluations used to open a DataLoader per set, which draws a seed from torch's generator:
@@ -217,12 +219,9 @@ class Trainer:
         progress = ProgressLines(f"validation at iteration {self.state.iteration}", len(sets), self.info.rank == 0)
         for done, (name, batches) in enumerate(sets.items()):
             progress.update(done)
-            mean = self.steps.evaluate(batches)
-            key = "validation" if name == "overall" else f"validation/{name}"
-            results[f"{key} loss"] = mean
-            results[f"{key} ppl"] = math.exp(min(mean, 20.0))
+            losses[name] = self.steps.evaluate(batches)
         self.engine.train()
-        return results
+        return losses
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -287,13 +286,12 @@ class Trainer:
                                       s.consumed_tokens))
 
     def _log_eval(self, final: bool = False) -> None:
-        results = self.evaluate(final)
-        self.logger.log(self.state.iteration, results, kind="valid", samples=self.state.consumed_samples,
+        losses = self.evaluate(final)
+        scalars = valid_scalars(losses)
+        self.logger.log(self.state.iteration, scalars, kind="valid", samples=self.state.consumed_samples,
                         tokens=self.state.consumed_tokens)
-        if self.info.rank == 0 and "validation loss" in results:
-            console(f"validation at iteration {self.state.iteration}: loss {results['validation loss']:.4f}, "
-                    f"ppl {results['validation ppl']:.2f} (blend; {len(results) // 2 - 1} of "
-                    f"{len(self.data.valid_languages)} languages evaluated)")
+        if self.info.rank == 0 and "overall" in losses:
+            console(format_valid_line(self.state.iteration, scalars, len(losses) - 1, len(self.data.valid_languages)))
 
     def save(self) -> None:
         """Checkpoint the engine and the loop's state (see megatron.checkpoint.checkpointing)."""
