@@ -117,9 +117,7 @@ class Trainer:
         """Warn when the resumed run's next learning rate or batch size is not the saved run's
         (the schedule or ramp-up settings changed since the save; sometimes on purpose)."""
         s = self.state
-        now = {"next_learning_rate": self.schedule(s.consumed_samples, s.consumed_tokens),
-               "next_global_batch_size": self.rampup(s.consumed_samples)}
-        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+        changed = {k: (saved[k], v) for k, v in self._next_schedule().items() if k in saved and saved[k] != v}
         if changed and self.info.rank == 0:
             console(f"warning: resuming at iteration {s.iteration} with {changed} (checkpoint, now): the "
                     "optimizer or training settings differ from the saved run's")
@@ -296,12 +294,14 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the engine and the loop's state (see megatron.checkpoint.checkpointing)."""
         self.check_tp_duplicates()
+        self.checkpointer.save(self.engine, asdict(self.state), self._next_schedule())
+        self._saved_iteration = self.state.iteration
+
+    def _next_schedule(self) -> dict[str, Any]:
+        # Functions of the consumed data: a checkpoint records them so its resume can check them.
         s = self.state
-        # The next step's values: functions of the consumed data, recorded to check a resume.
-        schedule = {"next_learning_rate": self.schedule(s.consumed_samples, s.consumed_tokens),
-                    "next_global_batch_size": self.rampup(s.consumed_samples)}
-        self.checkpointer.save(self.engine, asdict(s), schedule)
-        self._saved_iteration = s.iteration
+        return {"next_learning_rate": self.schedule(s.consumed_samples, s.consumed_tokens),
+                "next_global_batch_size": self.rampup(s.consumed_samples)}
 
 
 def _memory_stats(device: torch.device) -> dict[str, float]:
