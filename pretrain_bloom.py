@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from megatron.training.trainer import TooManySkippedSteps, pretrain
+    from megatron.training.pretrain import pretrain
+    from megatron.training.trainer import TooManySkippedSteps
 
     try:
         pretrain(cfg)

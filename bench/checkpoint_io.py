@@ -74,8 +74,8 @@ def demo_config(tmp: Path, bf16: bool):
 def build(cfg, parallel, info):
     """Model and engine as pretrain builds them."""
     from megatron.training.engine import build_engine
+    from megatron.training.pretrain import build_network
     from megatron.training.schedules import BatchSizeRampup
-    from megatron.training.trainer import build_network
 
     model = build_network(cfg, parallel, info.device)
     return build_engine(cfg, model, parallel.dp_size, BatchSizeRampup.from_config(cfg.training)(0), mpu=parallel)
@@ -105,8 +105,8 @@ def measure(bf16: bool, repeats: int) -> dict:
     from megatron.core.parallel_state import ParallelState
     from megatron.model.bloom import count_parameters
     from megatron.training.data import build_training_data
+    from megatron.training.pretrain import build_rng_tracker, set_seed
     from megatron.training.steps import EngineSteps
-    from megatron.training.trainer import build_rng_tracker, set_seed
 
     tmp = Path(tempfile.mkdtemp(prefix="checkpoint-bench-"))
     cfg = demo_config(tmp, bf16)

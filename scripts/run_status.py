@@ -55,21 +55,6 @@ def load_run_config(run_dir: Path) -> tuple[Optional[Any], Optional[str]]:
         return None, str(exc)
 
 
-def total_iterations(cfg) -> int:
-    """Steps in the whole run, replaying the batch-size ramp-up as the trainer does."""
-    from megatron.training.schedules import BatchSizeRampup, total_train_samples
-
-    if cfg.training.train_iters is not None:
-        return cfg.training.train_iters
-    rampup = BatchSizeRampup.from_config(cfg.training)
-    target = total_train_samples(cfg.training, rampup)
-    steps, consumed = 0, 0
-    while consumed < target:
-        consumed += rampup(consumed)
-        steps += 1
-    return steps
-
-
 def checkpoint_status(directory: Path) -> dict[str, Any]:
     """``latest`` and whether it is complete, the newest complete checkpoint, all tags."""
     from megatron.checkpoint.store import CheckpointStore, verify_checkpoint
@@ -129,6 +114,8 @@ def environment_status(run_dir: Path) -> tuple[Optional[dict[str, Any]], Optiona
 
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the report shows, as plain data."""
+    from megatron.training.schedules import BatchSizeRampup, total_train_iterations
+
     run_dir: Path = args.run_dir
     cfg, config_problem = load_run_config(run_dir)
     status: dict[str, Any] = {"run_dir": str(run_dir)}
@@ -144,7 +131,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     if environment_problem:
         status["environment_problem"] = environment_problem
     if cfg is not None:
-        status["total_steps"] = total_iterations(cfg)
+        status["total_steps"] = total_train_iterations(cfg.training, BatchSizeRampup.from_config(cfg.training))
         if cfg.training.kill_switch_path:
             status["kill_switch"] = {"path": cfg.training.kill_switch_path,
                                      "set": Path(cfg.training.kill_switch_path).exists()}

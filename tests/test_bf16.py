@@ -25,7 +25,7 @@ def inspecting_worker(rank: int, body: dict) -> dict:
     """Train; report the optimizer's precision facts from inside the run."""
     import torch
 
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     facts = {}
 

@@ -177,7 +177,7 @@ def killed_while_saving_worker(rank: int, body: dict, doomed_tag: str) -> None:
 
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     original = TorchCheckpointEngine.save
 
@@ -192,7 +192,7 @@ def killed_while_saving_worker(rank: int, body: dict, doomed_tag: str) -> None:
 
 
 def train_worker(rank: int, body: dict) -> int:
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     return pretrain(config_from_dict(body)).iteration
 

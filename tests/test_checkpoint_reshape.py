@@ -22,7 +22,7 @@ TOLERANCE = 1e-5
 
 
 def worker(rank: int, body: dict, weights_dir: str) -> dict:
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     state = pretrain(config_from_dict(body), on_finish=save_local_weights(weights_dir, NUM_LAYERS))
     return {"iteration": state.iteration, "consumed": state.consumed_samples}

@@ -23,7 +23,7 @@ LAYOUTS = {"1x1x1": ((1, 1, 1), 8, 4), "2x2x2": ((2, 2, 2), 6, 3)}
 
 
 def worker(rank: int, body: dict, weights_dir: str) -> dict:
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     state = pretrain(config_from_dict(body), on_finish=save_local_weights(weights_dir, NUM_LAYERS))
     return {"iteration": state.iteration, "consumed": state.consumed_samples}

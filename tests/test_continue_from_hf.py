@@ -18,7 +18,7 @@ pytestmark = pytest.mark.distributed
 
 
 def worker(rank: int, body: dict) -> None:
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     pretrain(config_from_dict(body))
 

@@ -34,7 +34,7 @@ STEPS = 3
 
 def _train_worker(rank: int, body: dict, out: str) -> None:
     from megatron.checkpoint.layer_files import save_layer_files
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     layers = body["model"]["num_layers"]
 
@@ -101,7 +101,7 @@ def test_export_of_a_tp2_pp2_training_run(tmp_path):
 
 
 def _checkpointing_worker(rank: int, body: dict, out: str) -> None:
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     def on_finish(engine, parallel):
         local = {}

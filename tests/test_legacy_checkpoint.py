@@ -20,7 +20,7 @@ def test_legacy_checkpoint_resumes_bit_for_bit(tmp_path, corpus):
 
     from megatron.config import config_from_dict
     from megatron.training.logging import read_metrics
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     shutil.copytree(FIXTURE / "checkpoints", tmp_path / "resumed" / "checkpoints")
     state = pretrain(config_from_dict(body(tmp_path, corpus, "resumed")))

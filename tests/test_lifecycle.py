@@ -99,7 +99,7 @@ def test_data_loader_workers_survive_the_signals_meant_for_the_run():
 
 
 def train_worker(rank: int, body: dict, pid_dir: str = "") -> dict:
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     if pid_dir:
         Path(pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
@@ -206,7 +206,7 @@ def test_exit_duration_saves_and_exits(corpus, tmp_path, capfd):
 def recording_worker(rank: int, body: dict) -> dict:
     """Train, recording a fingerprint of every micro-batch that reaches the model."""
     from megatron.training import steps
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     seen = []
     original = steps.EngineSteps._loss

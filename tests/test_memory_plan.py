@@ -45,7 +45,7 @@ def test_zero_shards_optimizer_state_and_recompute_saves_activations():
 def measuring_worker(rank: int, body: dict) -> dict:
     """Train one bf16 step; report the bytes the engine really holds, by kind."""
     from megatron.config import config_from_dict
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     measured = {}
 

@@ -14,7 +14,7 @@ STEPS = 10
 
 
 def worker(rank: int, body: dict, out_dir: str) -> None:
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     pretrain(config_from_dict(body), on_finish=save_local_weights(out_dir, body["model"]["num_layers"]))
 

@@ -7,8 +7,9 @@ import math
 import pytest
 
 from megatron.config import ModelConfig, OptimizerConfig, TrainingConfig
-from megatron.training.metrics import flops_per_iteration, throughput
-from megatron.training.schedules import BatchSizeRampup, LearningRateSchedule, total_train_samples
+from megatron.training.metrics import throughput
+from megatron.training.schedules import (
+    BatchSizeRampup, LearningRateSchedule, total_train_iterations, total_train_samples)
 
 BLOOM = OptimizerConfig(lr=6e-5, min_lr=6e-6, lr_decay_style="cosine", lr_warmup_samples=183_105,
                         lr_decay_samples=200_000_000)
@@ -67,6 +68,18 @@ def test_total_samples_from_iterations_with_rampup():
     training = TrainingConfig(global_batch_size=8, micro_batch_size=2, rampup_batch_size=[4, 2, 12], train_iters=5)
     # increments every 6 samples: 4 (0), 4 (4), 6 (8), 8 (14), 8 (22) -> 30
     assert total_train_samples(training, BatchSizeRampup.from_config(training)) == 30
+
+
+def test_total_iterations_replay_the_rampup_over_train_samples():
+    by_samples = TrainingConfig(global_batch_size=8, micro_batch_size=2, rampup_batch_size=[4, 2, 12],
+                                train_samples=30, train_iters=None)
+    # 4 + 4 + 6 + 8 + 8 = 30 samples in 5 steps; one more sample needs a sixth
+    assert total_train_iterations(by_samples, BatchSizeRampup.from_config(by_samples)) == 5
+    one_more = TrainingConfig(global_batch_size=8, micro_batch_size=2, rampup_batch_size=[4, 2, 12],
+                              train_samples=31, train_iters=None)
+    assert total_train_iterations(one_more, BatchSizeRampup.from_config(one_more)) == 6
+    by_iterations = TrainingConfig(global_batch_size=8, micro_batch_size=2, rampup_batch_size=[4, 2, 12], train_iters=5)
+    assert total_train_iterations(by_iterations, BatchSizeRampup.from_config(by_iterations)) == 5
 
 
 def test_flops_match_bloom_176b_logged_figure():

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.distributed
 
 
 def train_worker(rank: int, body: dict) -> dict:
-    from megatron.training.trainer import pretrain
+    from megatron.training.pretrain import pretrain
 
     state = pretrain(config_from_dict(body))
     return {"iteration": state.iteration, "consumed": state.consumed_samples, "skipped": state.skipped_iterations}
@@ -93,6 +93,7 @@ def drifting_worker(rank: int, body: dict) -> dict:
     import torch
 
     import megatron.training.trainer as trainer_module
+    from megatron.training.pretrain import pretrain
 
     original = trainer_module.Trainer.train_step
 
@@ -105,7 +106,7 @@ def drifting_worker(rank: int, body: dict) -> dict:
 
     trainer_module.Trainer.train_step = train_step
     try:
-        state = trainer_module.pretrain(config_from_dict(body))
+        state = pretrain(config_from_dict(body))
         return {"iteration": state.iteration}
     except RuntimeError as exc:
         return {"error": str(exc)}

@@ -106,6 +106,7 @@ def poisoned_worker(rank: int, body: dict, poison_calls: list[int]) -> dict:
     import megatron.training.trainer as trainer_module
     from megatron.config import config_from_dict
     from megatron.model import bloom
+    from megatron.training.pretrain import pretrain
 
     calls = {"n": 0}
     original = bloom.BloomForCausalLM.forward
@@ -120,7 +121,7 @@ def poisoned_worker(rank: int, body: dict, poison_calls: list[int]) -> dict:
 
     bloom.BloomForCausalLM.forward = forward
     try:
-        state = trainer_module.pretrain(config_from_dict(body))
+        state = pretrain(config_from_dict(body))
         return {"skipped": state.skipped_iterations, "iteration": state.iteration}
     except trainer_module.TooManySkippedSteps as exc:
         return {"error": str(exc)}

@@ -15,11 +15,12 @@ batch size, all functions of consumed data), the current learning rate and batch
 checking), the config, every random stream of every rank (megatron/checkpoint/rng.py), and
 ``universal_checkpoint_info`` for resharding.
 
-Resume (``find_resume_point``, ``prepare``, ``load``): rank 0 picks the newest checkpoint whose
-manifest checks out, reporting and skipping newer broken ones; when it was saved on another
-TP / PP / DP layout (or precision), rank 0 converts it once to a universal checkpoint next to
-it (``global_stepN_universal``) and the engine must be built with ``load_universal``
-(``ResumePoint.universal``); then every rank loads through ``engine.load_checkpoint``.
+Resume (``Checkpointer.resume``, one call that builds the engine): rank 0 picks the newest
+checkpoint whose manifest checks out, reporting and skipping newer broken ones; when it was
+saved on another TP / PP / DP layout (or precision), rank 0 converts it once to a universal
+checkpoint next to it (``global_stepN_universal``) and the engine is built with
+``load_universal``; then every rank loads through ``engine.load_checkpoint``. The random
+streams are put back later (``restore_rng``), once the loop has created its data iterators.
 
 What gets unpickled: our own code reads checkpoint metadata from JSON (the manifest) and checks
 files without unpickling them. DeepSpeed's ``load_checkpoint`` and its universal converter read
@@ -36,7 +37,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
@@ -82,6 +83,14 @@ class LoadedCheckpoint:
     train_state: dict[str, Any]
     rng_state: Optional[dict[str, Any]]  # this rank's streams; None when the layout changed
     schedule: dict[str, Any]  # the next step's learning rate and batch size, as the saving run had them
+
+
+@dataclass
+class Resumed:
+    """What :meth:`Checkpointer.resume` gives a run to start from."""
+
+    engine: Any
+    checkpoint: Optional[LoadedCheckpoint]  # None: iteration 0, the weights the model was built with
 
 
 class Checkpointer:
@@ -178,6 +187,24 @@ class Checkpointer:
 
     # -- resuming -----------------------------------------------------------------------------
 
+    def resume(self, build_engine: Callable[..., Any], search: bool) -> Resumed:
+        """The engine this run trains, loaded from the newest complete checkpoint under
+        ``checkpoint.load`` when there is one (converted first when saved on another layout).
+
+        ``build_engine(load_universal=...)`` builds the engine: the checkpoint decides whether it
+        must read a universal checkpoint, so the engine is built here, between conversion and
+        load. ``search`` False: start from the model's weights as built (``checkpoint.load``
+        holds initial weights only), with a fresh optimizer. Loop state comes back in
+        ``Resumed.checkpoint``; the random streams with :meth:`restore_rng`, which must wait
+        until the data iterators exist.
+        """
+        point = self.find_resume_point() if search else None
+        if point is None:
+            return Resumed(build_engine(load_universal=False), None)
+        self._convert(point)
+        engine = build_engine(load_universal=point.universal)
+        return Resumed(engine, self.load(engine, point))
+
     def find_resume_point(self) -> Optional[ResumePoint]:
         """The newest complete checkpoint under ``checkpoint.load`` (None: there is no checkpoint,
         start from scratch). Raises when checkpoints exist but none is complete, or when the
@@ -217,7 +244,7 @@ class Checkpointer:
 
         return on_rank0(find, f"find a checkpoint to resume from in {directory}")
 
-    def prepare(self, resume: ResumePoint) -> None:
+    def _convert(self, resume: ResumePoint) -> None:
         """Convert ``resume`` to a universal checkpoint when needed (rank 0, once; reused after)."""
         if not resume.universal:
             return
@@ -258,7 +285,11 @@ class Checkpointer:
 
     def restore_rng(self, loaded: LoadedCheckpoint) -> None:
         """Continue every random stream where the saved run was; after a layout change (no saved
-        streams for these ranks) derive fresh ones from (seed, iteration) instead."""
+        streams for these ranks) derive fresh ones from (seed, iteration) instead.
+
+        Call it after creating the data iterators: creating one draws from torch's generator, a
+        draw the uninterrupted run did not make at this point, so restoring after it drops it.
+        """
         if loaded.rng_state is not None:
             restore_rng_state(loaded.rng_state, self.rng_tracker)
             return

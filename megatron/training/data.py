@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import signal
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -50,15 +50,11 @@ class TrainingData:
         """Languages with a validation set, in the config's order."""
         return list(self.datasets.valid_per_language)
 
-    def valid_batches(self, eval_iters: int, languages: Optional[list[str]] = None
-                      ) -> dict[str, list[dict[str, torch.Tensor]]]:
-        """The first ``eval_iters`` micro-batches of this rank from the blend's and each language's
-        validation set (fewer when a set is smaller; sets too small for one batch are left out).
-        ``languages``: only these languages' sets besides the blend (None: all)."""
-        per_language = self.datasets.valid_per_language
-        if languages is not None:
-            per_language = {name: per_language[name] for name in languages}
-        sets = {"overall": self.datasets.valid, **per_language}
+    def valid_batches(self, eval_iters: int) -> dict[str, list[dict[str, torch.Tensor]]]:
+        """The first ``eval_iters`` micro-batches of this rank from the blend's validation set
+        ("overall") and each language's, in the config's order (fewer when a set is smaller; sets
+        too small for one batch are left out)."""
+        sets = {"overall": self.datasets.valid, **self.datasets.valid_per_language}
         batches = {}
         for name, dataset in sets.items():
             loader = self._loader(dataset, 0) if dataset is not None and len(dataset) else None

@@ -25,9 +25,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from megatron.training.trainer import StepResult
 
 
 class MetricsLogger:
@@ -151,6 +154,49 @@ class ProgressLines:
         if self.enabled and now >= self._next and done < self.total:
             console(f"{self.what}: {done}/{self.total}, {now - self.start:.0f} s")
             self._next = now + self.every
+
+
+def train_scalars(window: Sequence[StepResult], seconds: float, skipped_iterations: int, consumed_tokens: int,
+                  speed: dict[str, float], data_parallel_size: int) -> dict[str, Any]:
+    """The steps since the last log line under Megatron-DeepSpeed's names, in the order
+    ``metrics.jsonl`` records them: the loss averaged over the steps that updated, the last step's
+    learning rate, batch size and gradient norm, the run's skipped iterations and tokens, seconds
+    per trained iteration, then ``speed`` (megatron.training.metrics.throughput over ``seconds``)
+    and its share per data-parallel replica."""
+    losses = [step.loss for step in window if not step.skipped]
+    norms = [step.grad_norm for step in window if step.grad_norm is not None]
+    trained = sum(1 for step in window if not step.data_skipped)
+    scalars = {
+        "lm loss": sum(losses) / len(losses) if losses else float("nan"),
+        "learning-rate": window[-1].learning_rate,
+        "batch-size": window[-1].batch_size,
+        "grad-norm": norms[-1] if norms else None,
+        "skipped-iterations": skipped_iterations,
+        "consumed-tokens": consumed_tokens,
+        "iteration-time": seconds / max(trained, 1),
+        **speed,
+    }
+    scalars["samples-per-second-per-replica"] = speed["samples-per-second"] / data_parallel_size
+    scalars["tokens-per-second-per-replica"] = speed["tokens-per-second"] / data_parallel_size
+    return scalars
+
+
+def valid_scalars(losses: dict[str, float]) -> dict[str, float]:
+    """Validation losses by set ("overall": the blend) under our names, each with its perplexity:
+    ``validation loss``, ``validation ppl``, ``validation/{language} loss``, ..."""
+    scalars = {}
+    for name, loss in losses.items():
+        key = "validation" if name == "overall" else f"validation/{name}"
+        scalars[f"{key} loss"] = loss
+        scalars[f"{key} ppl"] = math.exp(min(loss, 20.0))  # Megatron's cap: an untrained model's is astronomical
+    return scalars
+
+
+def format_valid_line(step: int, scalars: dict[str, float], evaluated_languages: int, languages: int) -> str:
+    """One console line per evaluation: the blend's loss and perplexity, and how many languages
+    of how many were evaluated (``logging.eval_languages_per_interval`` rotates them)."""
+    return (f"validation at iteration {step}: loss {scalars['validation loss']:.4f}, "
+            f"ppl {scalars['validation ppl']:.2f} (blend; {evaluated_languages} of {languages} languages evaluated)")
 
 
 def format_train_line(step: int, total_steps: int, scalars: dict[str, Any], consumed_samples: int,

@@ -93,3 +93,15 @@ def total_train_samples(training: TrainingConfig, rampup: BatchSizeRampup) -> in
     for _ in range(training.train_iters or 0):
         consumed += rampup(consumed)
     return consumed
+
+
+def total_train_iterations(training: TrainingConfig, rampup: BatchSizeRampup) -> int:
+    """Iterations in the whole run: ``train_iters``, or the ramped steps that consume ``train_samples``."""
+    if training.train_iters is not None:
+        return training.train_iters
+    target = total_train_samples(training, rampup)
+    steps, consumed = 0, 0
+    while consumed < target:
+        consumed += rampup(consumed)
+        steps += 1
+    return steps

@@ -1,0 +1,168 @@
+"""Assembling a run from its config: ``pretrain(cfg)`` sets up the processes, logging, seeds,
+data, model and engine (resuming from the newest checkpoint), then hands them to the
+:class:`~megatron.training.trainer.Trainer`, whose loop trains.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from megatron.checkpoint.checkpointing import Checkpointer
+from megatron.checkpoint.store import CheckpointStore
+from megatron.config import Config, LoggingConfig, save_config
+from megatron.checkpoint.layer_files import is_layer_files_only, load_layer_files_into, resolve_checkpoint_dir
+from megatron.errors import ConversionError
+from megatron.core.distributed import init_distributed, shutdown_distributed
+from megatron.core.parallel_state import ParallelState
+from megatron.core.tensor_parallel import MODEL_PARALLEL_RNG, RNGStatesTracker, model_parallel_seed
+from megatron.model.bloom import build_model
+from megatron.model.pipeline import build_pipeline_model
+from megatron.training.data import build_training_data
+from megatron.training.engine import build_engine
+from megatron.training.environment import describe_environment, write_environment
+from megatron.training.lifecycle import RunLifecycle, job_start_time
+from megatron.training.logging import MetricsLogger, console
+from megatron.training.precision import announce, resolve_precision
+from megatron.training.schedules import BatchSizeRampup
+from megatron.training.trainer import Trainer, TrainState
+
+
+def pretrain(cfg: Config, on_finish: Optional[Callable[[Any, ParallelState], None]] = None) -> TrainState:
+    """Build the run from its config and train it; ``on_finish(engine, parallel)`` runs on every
+    rank after training, before the process group is torn down (tests use it to gather weights).
+
+    Resumes from the newest complete checkpoint under ``checkpoint.load`` (converting it when it
+    was saved on another layout). Returns normally, also when a signal, the kill switch or a
+    time limit stopped the run early (after saving).
+    """
+    lifecycle = RunLifecycle(cfg.training, job_start_time())
+    # Handle SIGTERM/SIGUSR1 from the start: one arriving during start-up stops the run before
+    # its first step instead of killing it.
+    with lifecycle.handling_signals():
+        return _pretrain(cfg, lifecycle, on_finish)
+
+
+def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
+    info = init_distributed()
+    cfg.validate(info.world_size)
+    configure_logging(info.rank, cfg.logging)
+    cfg, precision = resolve_precision(cfg, info.device)
+    announce(precision, info.rank)
+    p = cfg.parallel
+    parallel = ParallelState(info.world_size, info.rank, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    # Megatron's seeds: the default stream differs per pipeline stage (different layers), not per
+    # TP rank (duplicated activations must draw equal masks); the tracker's differs per TP rank.
+    set_seed(model_parallel_seed(cfg.training.seed, parallel.tp_rank, parallel.pp_rank)[0])
+    tracker = build_rng_tracker(cfg, parallel, info.device)
+    if info.rank == 0 and cfg.logging.run_dir:
+        save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
+        layout = {"tp": parallel.tp_size, "pp": parallel.pp_size, "dp": parallel.dp_size, "zero_stage": p.zero_stage}
+        write_environment(cfg.logging.run_dir, describe_environment(
+            cfg, info.world_size, layout, info.device, precision.name, precision.reason))
+    data = build_training_data(cfg, parallel)
+    model = build_network(cfg, parallel, info.device, tracker)
+    rampup = BatchSizeRampup.from_config(cfg.training)
+    checkpointer = Checkpointer(cfg, parallel, tracker)
+    weights_only = initial_weights(cfg)
+    if weights_only is not None:
+        # An HF import or a published BLOOM checkpoint: weights (resharded to this TP size) and a
+        # fresh optimizer, from iteration 0. Loaded before DeepSpeed copies the master weights.
+        load_layer_files_into(model, weights_only, parallel, cfg.model.num_layers)
+        logging.getLogger(__name__).info("initialised the weights from %s (fresh optimizer)", weights_only)
+    # With a pipeline DeepSpeed builds its grid from the PipelineModule's topology and refuses an mpu.
+    engine_for = functools.partial(build_engine, cfg, model, parallel.dp_size, rampup(0),
+                                   mpu=None if parallel.pp_enabled else parallel)
+    resumed = checkpointer.resume(engine_for, search=weights_only is None)
+    logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard_dir, info.rank)
+    try:
+        trainer = Trainer(cfg, info, parallel, resumed, data, logger, checkpointer, lifecycle)
+        state = trainer.train()
+        if on_finish is not None:
+            on_finish(resumed.engine, parallel)
+        finished = trainer.stop_reason is None
+        whole_model_here = not (parallel.tp_enabled or parallel.pp_enabled)
+        if finished and info.rank == 0 and cfg.logging.sample_prompts and whole_model_here:
+            console("greedy continuations:")
+            print_samples(cfg, resumed.engine.module, data.tokenizer, info.device)
+    finally:
+        logger.close()
+        shutdown_distributed()
+    return state
+
+
+def configure_logging(rank: int, log_cfg: LoggingConfig) -> None:
+    """Show the ``megatron`` loggers' messages on the console: rank 0's at ``logging.log_level``,
+    every rank's warnings; DeepSpeed's at ``logging.deepspeed_log_level`` (its info level reports
+    memory and process groups at every engine build, noise for most runs). A configuration made
+    by the caller is left alone, apart from DeepSpeed's level."""
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.setLevel(log_cfg.deepspeed_log_level.upper())
+    log = logging.getLogger("megatron")
+    if log.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank {rank}] %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(log_cfg.log_level.upper() if rank == 0 else logging.WARNING)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch so a run is reproducible bit for bit on CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_rng_tracker(cfg: Config, parallel: ParallelState, device: torch.device) -> RNGStatesTracker:
+    """The tensor-parallel random stream of this rank (Megatron's seeds); saved in checkpoints."""
+    tracker = RNGStatesTracker(device)
+    tracker.add(MODEL_PARALLEL_RNG, model_parallel_seed(cfg.training.seed, parallel.tp_rank, parallel.pp_rank)[1])
+    return tracker
+
+
+def build_network(cfg: Config, parallel: ParallelState, device: torch.device,
+                  rng_tracker: Optional[RNGStatesTracker] = None) -> torch.nn.Module:
+    """The model for this rank: a PipelineModule when PP > 1, else the TP-aware BLOOM; dropout
+    draws from ``rng_tracker`` where activations differ across TP ranks."""
+    t, p = cfg.training, cfg.parallel
+    if parallel.pp_enabled:
+        return build_pipeline_model(cfg, parallel, cfg.training.seed, rng_tracker).to(device)
+    return build_model(cfg.model, cfg.padded_vocab_size, device=device,
+                       tp_group=parallel.tp_group_or_none,
+                       sequence_parallel=p.sequence_parallel, seed=t.seed,
+                       checkpoint_num_layers=t.checkpoint_num_layers if t.checkpoint_activations else 0,
+                       rng_tracker=rng_tracker)
+
+
+def initial_weights(cfg: Config) -> Optional[Path]:
+    """The module-only checkpoint (layer files without engine state) that ``checkpoint.load``
+    holds, when it holds no complete checkpoint of ours to resume from; else None."""
+    directory = cfg.checkpoint.load
+    if not directory or not Path(directory).is_dir():
+        return None
+    complete, _ = CheckpointStore(directory).find_newest_complete()
+    if complete is not None:
+        return None
+    try:
+        candidate = resolve_checkpoint_dir(directory)
+    except ConversionError:
+        return None
+    return candidate if is_layer_files_only(candidate) else None
+
+
+def print_samples(cfg: Config, model: torch.nn.Module, tokenizer, device: torch.device) -> None:
+    """Greedy continuations of the configured prompts (single-device model)."""
+    model.eval()
+    for prompt in cfg.logging.sample_prompts:
+        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+        out = model.generate_greedy(ids, cfg.logging.sample_tokens, eos_id=tokenizer.eod_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:].tolist())
+        console(f"  {prompt!r} -> {text!r}")
