@@ -54,8 +54,9 @@ def dry_run(cfg: Config, world_size: int) -> None:
     from megatron.training.memory import estimate_memory, format_memory_table
 
     t = cfg.training
+    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
     print(f"memory per rank (micro-batch {t.micro_batch_size}, seq {m.seq_length}, "
-          f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}, recompute {'on' if t.checkpoint_activations else 'off'}, "
+          f"{precision}, recompute {'on' if t.checkpoint_activations else 'off'}, "
           f"sequence parallel {'on' if p.sequence_parallel else 'off'}; formulas in megatron/training/memory.py):")
     print(format_memory_table(estimate_memory(cfg, world_size)))
 

@@ -52,11 +52,11 @@ def make_checkpoint(config: str, root: str, tp: int, dtype: str) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from megatron.config import load_config, save_config
-    from megatron.convert.hf_files import parse_dtype
     from megatron.checkpoint.layer_files import write_layer_file
     from megatron.checkpoint.resharding import split_full
     from megatron.checkpoint.store import write_latest
+    from megatron.config import load_config, save_config
+    from megatron.convert.hf_files import parse_dtype
     from megatron.model.bloom import build_model
     from megatron.model.layout import module_key_to_layer
 

@@ -27,7 +27,6 @@ import yaml
 
 from megatron.utils.atomic import atomic_write_text
 
-
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command line: the run directory and where to look for checkpoints."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

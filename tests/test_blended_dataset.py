@@ -222,8 +222,8 @@ def test_build_blended_datasets_with_weights(languages, tmp_path):
 
 
 def test_build_blended_datasets_with_alpha_and_test_split(languages, tmp_path):
-    from megatron.data.indexed_dataset import MMapIndexedDataset
     from megatron.data.gpt_dataset import split_documents
+    from megatron.data.indexed_dataset import MMapIndexedDataset
 
     specs = [{"name": n, "prefix": languages[n], "weight": None} for n in ("en", "fr")]
     built = build_blended_datasets(specs, 16, 7, "0.8,0.1,0.1", 500, 20, 20, alpha=0.3, cache_dir=tmp_path / "cache")

@@ -12,11 +12,16 @@ import torch
 from launch import run_ranks
 from megatron.checkpoint.checkpointing import Checkpointer
 from megatron.checkpoint.layout import checkpoint_tag
-from megatron.model.layout import flat_name, pipeline_name, split_into_layers
 from megatron.checkpoint.store import (
-    CheckpointStore, check_torch_file, checkpoints_to_delete, new_temporary_tag, verify_checkpoint)
+    CheckpointStore,
+    check_torch_file,
+    checkpoints_to_delete,
+    new_temporary_tag,
+    verify_checkpoint,
+)
 from megatron.config import config_from_dict
 from megatron.core.parallel_state import ParallelState
+from megatron.model.layout import flat_name, pipeline_name, split_into_layers
 from megatron.training.logging import read_metrics
 from megatron.utils.atomic import atomic_write_text
 from training_utils import synthetic_corpus, tiny_run

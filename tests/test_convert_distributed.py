@@ -18,10 +18,10 @@ import torch
 from transformers import BloomForCausalLM
 
 from launch import run_ranks
-from megatron.config import config_from_dict, save_config
-from megatron.convert.from_hf import import_from_hf
 from megatron.checkpoint.layer_files import load_tensor_file
 from megatron.checkpoint.layout import LAYER_FILE_PATTERN
+from megatron.config import config_from_dict, save_config
+from megatron.convert.from_hf import import_from_hf
 from megatron.convert.to_hf import export_to_hf
 from megatron.model.bloom import build_model
 from megatron.model.layout import flat_name

@@ -17,16 +17,23 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import (AutoTokenizer, BloomConfig, BloomForCausalLM, BloomForQuestionAnswering,
-                          BloomForSequenceClassification, BloomForTokenClassification, BloomModel)
+from transformers import (
+    AutoTokenizer,
+    BloomConfig,
+    BloomForCausalLM,
+    BloomForQuestionAnswering,
+    BloomForSequenceClassification,
+    BloomForTokenClassification,
+    BloomModel,
+)
 
+from megatron.checkpoint.layer_files import load_layer_files_into
 from megatron.config import Config, ModelConfig, save_config
-from megatron.errors import ConversionError
 from megatron.convert.from_hf import import_from_hf
 from megatron.convert.hf_mapping import hf_to_ours_state_dict
-from megatron.checkpoint.layer_files import load_layer_files_into
 from megatron.convert.to_hf import export_to_hf, resolve_config
 from megatron.data.tokenizer import load_tokenizer
+from megatron.errors import ConversionError
 from megatron.model.bloom import build_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,18 +9,36 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron.checkpoint.layer_files import (LayerFileSet, is_layer_files_only, load_layer_files_into,
-                                             load_tensor_file, read_merged_layer, resolve_checkpoint_dir,
-                                             save_layer_files)
+from megatron.checkpoint.layer_files import (
+    LayerFileSet,
+    is_layer_files_only,
+    load_layer_files_into,
+    load_tensor_file,
+    read_merged_layer,
+    resolve_checkpoint_dir,
+    save_layer_files,
+)
 from megatron.checkpoint.layout import iteration_of
 from megatron.checkpoint.resharding import merge_shards, split_full
 from megatron.checkpoint.store import write_latest
+from megatron.convert.safetensors_stream import (
+    SafetensorsReader,
+    ShardedSafetensorsWriter,
+    TensorPlan,
+    parse_size,
+    plan_shards,
+)
 from megatron.errors import ConversionError
-from megatron.model.layout import (BLOCK_KEYS, EMBEDDING_KEYS, hf_name_to_layer_key, layer_indices,
-                                   layer_key_to_hf_name, module_key_to_layer, partition_dim)
-from megatron.convert.safetensors_stream import (SafetensorsReader, ShardedSafetensorsWriter, TensorPlan, parse_size,
-                                                 plan_shards)
 from megatron.model.bloom import build_model
+from megatron.model.layout import (
+    BLOCK_KEYS,
+    EMBEDDING_KEYS,
+    hf_name_to_layer_key,
+    layer_indices,
+    layer_key_to_hf_name,
+    module_key_to_layer,
+    partition_dim,
+)
 from test_convert_hf import contract_layer_files, random_model, tiny_config
 
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from conftest import CONFIGS, REPO
 import pretrain_bloom
+from conftest import CONFIGS, REPO
 
 EXPECTED = {
     "560m": 559_214_592,

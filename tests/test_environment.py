@@ -16,10 +16,15 @@ import pytest
 import torch
 
 from conftest import CONFIGS, REPO
-from megatron.config import load_config, save_config
 from megatron.checkpoint.store import write_latest
-from megatron.training.environment import (ENVIRONMENT_FILE, describe_environment, git_state, read_environment,
-                                           write_environment)
+from megatron.config import load_config, save_config
+from megatron.training.environment import (
+    ENVIRONMENT_FILE,
+    describe_environment,
+    git_state,
+    read_environment,
+    write_environment,
+)
 from megatron.utils.atomic import atomic_path, atomic_write_text
 
 LAYOUT = {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 1}

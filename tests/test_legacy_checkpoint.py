@@ -33,11 +33,11 @@ def test_legacy_checkpoint_resumes_bit_for_bit(tmp_path, corpus):
 
 
 def test_legacy_layer_files_load_into_the_model(tmp_path):
+    from make import body
+
     from megatron.checkpoint.layer_files import load_layer_files_into
     from megatron.config import config_from_dict
     from megatron.model.bloom import BloomForCausalLM
-
-    from make import body
 
     cfg = config_from_dict(body(tmp_path, [{"name": "fr", "prefix": str(tmp_path / "unused")}], "x"))
     model = BloomForCausalLM(cfg.model, cfg.padded_vocab_size)

@@ -9,9 +9,9 @@ from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 from megatron.config import ModelConfig
 from megatron.convert.hf_mapping import load_hf_state_dict, ours_to_hf_state_dict
-from megatron.model.layout import hf_to_ours_name
 from megatron.model.alibi import alibi_slopes, alibi_slopes_for_rank
 from megatron.model.bloom import build_model, count_parameters, language_model_loss
+from megatron.model.layout import hf_to_ours_name
 
 # (layers, hidden, heads, vocab): power-of-two heads, 6 and 12 heads (non-power-of-two
 # ALiBi slopes), and a vocabulary that needs padding.

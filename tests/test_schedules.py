@@ -9,7 +9,11 @@ import pytest
 from megatron.config import ModelConfig, OptimizerConfig, TrainingConfig
 from megatron.training.metrics import throughput
 from megatron.training.schedules import (
-    BatchSizeRampup, LearningRateSchedule, total_train_iterations, total_train_samples)
+    BatchSizeRampup,
+    LearningRateSchedule,
+    total_train_iterations,
+    total_train_samples,
+)
 
 BLOOM = OptimizerConfig(lr=6e-5, min_lr=6e-6, lr_decay_style="cosine", lr_warmup_samples=183_105,
                         lr_decay_samples=200_000_000)

@@ -19,10 +19,22 @@ from torch import nn
 from launch import run_ranks
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import (
-    MODEL_PARALLEL_RNG, ColumnParallelLinear, RNGStatesTracker, RowParallelLinear, VocabParallelEmbedding,
-    SequenceParallelLayerNorm, check_tp_duplicates_in_sync, default_init_method,
-    gather_from_sequence_parallel_region, init_from_full, initialize_rng,
-    model_parallel_seed, scatter_to_sequence_parallel_region, shard, vocab_parallel_cross_entropy)
+    MODEL_PARALLEL_RNG,
+    ColumnParallelLinear,
+    RNGStatesTracker,
+    RowParallelLinear,
+    SequenceParallelLayerNorm,
+    VocabParallelEmbedding,
+    check_tp_duplicates_in_sync,
+    default_init_method,
+    gather_from_sequence_parallel_region,
+    init_from_full,
+    initialize_rng,
+    model_parallel_seed,
+    scatter_to_sequence_parallel_region,
+    shard,
+    vocab_parallel_cross_entropy,
+)
 
 B, S, H, V = 2, 8, 16, 64  # S, H and V divide by TP = 4
 FP32_TOL = 1e-6

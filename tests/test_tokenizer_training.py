@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron.data import tokenizer_training as tt
 from megatron.config import ModelConfig
+from megatron.data import tokenizer_training as tt
 from megatron.data.tokenizer import load_tokenizer
 from tools import train_tokenizer as cli
 

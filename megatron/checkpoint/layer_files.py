@@ -30,8 +30,14 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from megatron.checkpoint.layout import (LATEST_FILE, checkpoint_tag, is_engine_or_optimizer_file, iteration_of,
-                                       layer_file_name, parse_layer_file_name)
+from megatron.checkpoint.layout import (
+    LATEST_FILE,
+    checkpoint_tag,
+    is_engine_or_optimizer_file,
+    iteration_of,
+    layer_file_name,
+    parse_layer_file_name,
+)
 from megatron.checkpoint.resharding import merge_shards, split_full
 from megatron.errors import ConversionError
 from megatron.model.layout import TIED_PREFIX, layer_indices, module_key_to_layer, num_layers_of

@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from megatron.checkpoint.layout import (
-    LATEST_FILE, LATEST_ITERATION_FILE, MANIFEST_FILE, TAG_PREFIX, checkpoint_tag, iteration_of, universal_tag)
+    LATEST_FILE,
+    LATEST_ITERATION_FILE,
+    MANIFEST_FILE,
+    TAG_PREFIX,
+    checkpoint_tag,
+    iteration_of,
+    universal_tag,
+)
 from megatron.utils.atomic import atomic_write_text, fsync_path, fsync_tree
 
 logger = logging.getLogger(__name__)

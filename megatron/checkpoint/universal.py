@@ -46,8 +46,14 @@ from typing import Any
 
 from megatron.checkpoint.layout import LATEST_UNIVERSAL_FILE
 from megatron.config import Config
-from megatron.model.layout import (flat_name, is_pipeline_name, name_patterns, pipeline_name,
-                                   pipeline_replicated_pattern, vocabulary_pattern)
+from megatron.model.layout import (
+    flat_name,
+    is_pipeline_name,
+    name_patterns,
+    pipeline_name,
+    pipeline_replicated_pattern,
+    vocabulary_pattern,
+)
 from megatron.utils.atomic import atomic_write_text, fsync_path, fsync_tree
 
 UNIVERSAL_MARKER = "universal.json"  # written last: the conversion is complete

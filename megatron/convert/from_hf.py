@@ -33,18 +33,26 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from megatron.config import Config, ConfigError, load_config, save_config
-from megatron.errors import ConversionError
-from megatron.convert.hf_files import model_shape_from_hf, parse_dtype, read_hf_config
 from megatron.checkpoint.layer_files import load_tensor_file, write_layer_file
 from megatron.checkpoint.layout import checkpoint_tag
 from megatron.checkpoint.resharding import split_full
 from megatron.checkpoint.store import write_latest
+from megatron.config import Config, ConfigError, load_config, save_config
+from megatron.convert.hf_files import model_shape_from_hf, parse_dtype, read_hf_config
 from megatron.convert.output import prepare_output, publish
 from megatron.convert.safetensors_stream import SafetensorsReader
-from megatron.model.layout import (EMBEDDING_INDEX, HF_PREFIX, HF_TIED_HEAD, VOCABULARY_KEY, full_shapes,
-                                   is_tied_head, layer_indices, layer_key_to_hf_name)
 from megatron.core.parallel_state import validate_layout
+from megatron.errors import ConversionError
+from megatron.model.layout import (
+    EMBEDDING_INDEX,
+    HF_PREFIX,
+    HF_TIED_HEAD,
+    VOCABULARY_KEY,
+    full_shapes,
+    is_tied_head,
+    layer_indices,
+    layer_key_to_hf_name,
+)
 
 _WEIGHT_FILES = (("model.safetensors.index.json", True), ("model.safetensors", False),
                  ("pytorch_model.bin.index.json", True), ("pytorch_model.bin", False))

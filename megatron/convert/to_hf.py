@@ -32,16 +32,24 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from megatron.config import Config, ConfigError, config_from_dict, load_config
-from megatron.errors import ConversionError
-from megatron.convert.hf_files import (BLOOM_TOKENS, DTYPE_NAMES, generation_config_dict, hf_config_dict,
-                                       parse_dtype, special_tokens_of, write_json, write_tokenizer_files)
 from megatron.checkpoint.layer_files import LayerFileSet, load_tensor_file, read_layer_shards, resolve_checkpoint_dir
 from megatron.checkpoint.layout import MANIFEST_FILE, engine_state_file_name
 from megatron.checkpoint.resharding import merge_shards
+from megatron.config import Config, ConfigError, config_from_dict, load_config
+from megatron.convert.hf_files import (
+    BLOOM_TOKENS,
+    DTYPE_NAMES,
+    generation_config_dict,
+    hf_config_dict,
+    parse_dtype,
+    special_tokens_of,
+    write_json,
+    write_tokenizer_files,
+)
 from megatron.convert.output import prepare_output, publish
-from megatron.model.layout import EMBEDDING_INDEX, full_shapes, layer_key_to_hf_name, partition_dim
 from megatron.convert.safetensors_stream import ShardedSafetensorsWriter, TensorPlan, parse_size
+from megatron.errors import ConversionError
+from megatron.model.layout import EMBEDDING_INDEX, full_shapes, layer_key_to_hf_name, partition_dim
 
 
 @dataclass

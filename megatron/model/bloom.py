@@ -34,9 +34,17 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.config import ModelConfig
 from megatron.core.tensor_parallel import (
-    ColumnParallelLinear, RNGStatesTracker, RowParallelLinear, SequenceParallelLayerNorm, VocabParallelEmbedding,
-    copy_to_tensor_model_parallel_region, dropout, gather_from_sequence_parallel_region, model_parallel_region,
-    vocab_parallel_cross_entropy)
+    ColumnParallelLinear,
+    RNGStatesTracker,
+    RowParallelLinear,
+    SequenceParallelLayerNorm,
+    VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
+    dropout,
+    gather_from_sequence_parallel_region,
+    model_parallel_region,
+    vocab_parallel_cross_entropy,
+)
 from megatron.model.alibi import alibi_slopes_for_rank
 from megatron.model.kernels import get_kernel
 from megatron.model.layout import EMBEDDING_INDEX, block_index

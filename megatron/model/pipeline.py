@@ -21,8 +21,7 @@ import torch
 from megatron.config import Config
 from megatron.core.tensor_parallel import SequenceParallelLayerNorm
 from megatron.model.bloom import BloomBlock, BloomEmbedding, language_model_loss, lm_head_logits
-from megatron.model.layout import (EMBEDDING_INDEX, TIED_EMBEDDING_KEY, block_index, final_layernorm_index,
-                                   lm_head_index)
+from megatron.model.layout import EMBEDDING_INDEX, TIED_EMBEDDING_KEY, block_index, final_layernorm_index, lm_head_index
 
 
 class EmbeddingPipe(BloomEmbedding):

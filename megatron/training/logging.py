@@ -117,8 +117,8 @@ def tensorboard_scalars(kind: str, scalars: dict[str, Any], step: int, samples: 
             tag, which = _TRAIN_TAGS[name]
             add(tag, value, which)
         elif name != "consumed-tokens":
-            group = {"tflops-per-device": "throughput", "mfu": "throughput"}.get(name, "memory" if name.startswith("mem-")
-                                                                               else name)
+            default = "memory" if name.startswith("mem-") else name
+            group = {"tflops-per-device": "throughput", "mfu": "throughput"}.get(name, default)
             add(f"{group}/{name}", value, "is")
     if samples is not None:
         out += [("steps-vs-samples/y=steps,x=samples", float(step), samples),
@@ -204,7 +204,8 @@ def format_train_line(step: int, total_steps: int, scalars: dict[str, Any], cons
     """One console line in Megatron-DeepSpeed's format (BLOOM's logs), plus MFU when known."""
     parts = [f" iteration {step:8d}/{total_steps:8d}", f" consumed samples: {consumed_samples:12d}",
              f" consumed tokens: {consumed_tokens:12d}"]
-    fields = [("iteration-time", " elapsed time per iteration (s): {:.2f}"), ("learning-rate", " learning rate: {:.3E}"),
+    fields = [("iteration-time", " elapsed time per iteration (s): {:.2f}"),
+              ("learning-rate", " learning rate: {:.3E}"),
               ("batch-size", " global batch size: {:5d}"), ("lm loss", " lm loss: {:.6E}"),
               ("loss-scale", " loss scale: {:.1f}"), ("grad-norm", " grad norm: {:.3f}"),
               ("params-norm", " params norm: {:.3f}"), ("skipped-iterations", " number of skipped iterations: {:3d}"),

@@ -28,8 +28,7 @@ import math
 from dataclasses import dataclass
 
 from megatron.config import Config
-from megatron.model.layout import (EMBEDDING_INDEX, full_shapes, layer_indices, layer_kind, lm_head_index,
-                                   partition_dim)
+from megatron.model.layout import EMBEDDING_INDEX, full_shapes, layer_indices, layer_kind, lm_head_index, partition_dim
 from megatron.model.pipeline import stage_partition
 
 GB = 2**30

@@ -50,8 +50,8 @@ class CpuBf16Support:
             except Exception:  # noqa: BLE001 - private API: missing or broken means unknown
                 return None
 
-        return cls(probe(torch.backends.cpu, "get_cpu_capability"),
-                   bool(probe(torch.cpu, "_is_avx512_bf16_supported")), bool(probe(torch.cpu, "_is_amx_tile_supported")))
+        return cls(probe(torch.backends.cpu, "get_cpu_capability"), bool(probe(torch.cpu, "_is_avx512_bf16_supported")),
+                   bool(probe(torch.cpu, "_is_amx_tile_supported")))
 
     def describe(self) -> str:
         """For the start-up line: what was found."""

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from megatron.checkpoint.checkpointing import Checkpointer
+from megatron.checkpoint.layer_files import is_layer_files_only, load_layer_files_into, resolve_checkpoint_dir
 from megatron.checkpoint.store import CheckpointStore
 from megatron.config import Config, LoggingConfig, save_config
-from megatron.checkpoint.layer_files import is_layer_files_only, load_layer_files_into, resolve_checkpoint_dir
-from megatron.errors import ConversionError
 from megatron.core.distributed import init_distributed, shutdown_distributed
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import MODEL_PARALLEL_RNG, RNGStatesTracker, model_parallel_seed
+from megatron.errors import ConversionError
 from megatron.model.bloom import build_model
 from megatron.model.pipeline import build_pipeline_model
 from megatron.training.data import build_training_data

@@ -32,10 +32,21 @@ from megatron.training.data import TrainingData
 from megatron.training.engine import set_learning_rate
 from megatron.training.lifecycle import RunLifecycle
 from megatron.training.logging import (
-    MetricsLogger, ProgressLines, console, format_train_line, format_valid_line, train_scalars, valid_scalars)
+    MetricsLogger,
+    ProgressLines,
+    console,
+    format_train_line,
+    format_valid_line,
+    train_scalars,
+    valid_scalars,
+)
 from megatron.training.metrics import throughput
 from megatron.training.schedules import (
-    BatchSizeRampup, LearningRateSchedule, total_train_iterations, total_train_samples)
+    BatchSizeRampup,
+    LearningRateSchedule,
+    total_train_iterations,
+    total_train_samples,
+)
 from megatron.training.steps import EngineSteps, PipelineSteps
 from megatron.utils.terminal import show_progress
 
