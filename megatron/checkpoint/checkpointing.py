@@ -37,7 +37,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch.distributed as dist
 
@@ -49,6 +49,9 @@ from megatron.checkpoint.store import CheckpointInfo, CheckpointStore, new_tempo
 from megatron.config import Config
 from megatron.core.distributed import on_rank0
 from megatron.core.parallel_state import ParallelState
+
+if TYPE_CHECKING:  # deepspeed is imported where an engine is built, not when this module loads
+    from deepspeed.runtime.engine import DeepSpeedEngine
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ class LoadedCheckpoint:
 class Resumed:
     """What :meth:`Checkpointer.resume` gives a run to start from."""
 
-    engine: Any
+    engine: DeepSpeedEngine
     checkpoint: Optional[LoadedCheckpoint]  # None: iteration 0, the weights the model was built with
 
 
@@ -117,7 +120,7 @@ class Checkpointer:
 
     # -- saving -------------------------------------------------------------------------------
 
-    def save(self, engine, train_state: dict[str, Any], schedule: dict[str, Any]) -> None:
+    def save(self, engine: DeepSpeedEngine, train_state: dict[str, Any], schedule: dict[str, Any]) -> None:
         """Write checkpoint ``global_step{iteration}`` atomically (see the module docstring)."""
         directory = self.cfg.checkpoint.save
         if not directory:
@@ -173,7 +176,7 @@ class Checkpointer:
             "layout": self.layout(),
         }
 
-    def _write_layer_files(self, engine, directory: Path) -> None:
+    def _write_layer_files(self, engine: DeepSpeedEngine, directory: Path) -> None:
         """Without a pipeline, write the model as the pipeline's layer files (one per TP rank)."""
         module = engine.module
         gathered = contextlib.nullcontext()
@@ -187,7 +190,7 @@ class Checkpointer:
 
     # -- resuming -----------------------------------------------------------------------------
 
-    def resume(self, build_engine: Callable[..., Any], search: bool) -> Resumed:
+    def resume(self, build_engine: Callable[..., DeepSpeedEngine], search: bool) -> Resumed:
         """The engine this run trains, loaded from the newest complete checkpoint under
         ``checkpoint.load`` when there is one (converted first when saved on another layout).
 
@@ -263,7 +266,7 @@ class Checkpointer:
 
         on_rank0(convert, f"convert {resume.directory / resume.tag} to a universal checkpoint")
 
-    def load(self, engine, resume: ResumePoint) -> LoadedCheckpoint:
+    def load(self, engine: DeepSpeedEngine, resume: ResumePoint) -> LoadedCheckpoint:
         """Load model, optimizer and loop state from ``resume`` into ``engine``.
 
         The engine must have been built with ``load_universal`` equal to ``resume.universal``.

@@ -7,8 +7,8 @@ checkpoints contain. ``{save}/latest`` names the newest tag.
 
     files = LayerFileSet.discover(resolve_checkpoint_dir("checkpoints/run", step=None))
     embedding = read_merged_layer(files, 1).tensors        # TP-merged, single-device tensors
-    save_layer_files(model, "out/global_step0", parallel_state)       # this rank's files
-    load_layer_files_into(model, "out", parallel_state, num_layers)   # any TP size on disk
+    save_layer_files(model, "out/global_step0", parallel)       # this rank's files
+    load_layer_files_into(model, "out", parallel, num_layers)   # any TP size on disk
 
 Every file is loaded with ``torch.load(weights_only=True, mmap=True)`` where possible: the
 data stays on disk until a tensor is used, so a layer of BLOOM-176B costs its own size in
@@ -39,6 +39,7 @@ from megatron.checkpoint.layout import (
     parse_layer_file_name,
 )
 from megatron.checkpoint.resharding import merge_shards, split_full
+from megatron.core.parallel_state import ParallelState
 from megatron.errors import ConversionError
 from megatron.model.layout import TIED_PREFIX, layer_indices, module_key_to_layer, num_layers_of
 
@@ -185,12 +186,16 @@ def read_merged_layer(files: LayerFileSet, index: int) -> MergedLayer:
 # Our modules <-> layer files
 
 
-def _coords(parallel_state: Any) -> tuple[int, int, int, int, bool]:
-    """(tp_rank, tp_size, dp_rank, pp_size, first_stage) from a ParallelState or None."""
-    if parallel_state is None:
-        return 0, 1, 0, 1, True
-    return (parallel_state.tp_rank, parallel_state.tp_size, parallel_state.dp_rank, parallel_state.pp_size,
-            parallel_state.is_pipeline_first_stage())
+def _coords(parallel: Optional[ParallelState]) -> tuple[int, int, int]:
+    """(tp_rank, tp_size, dp_rank) of this rank; None means one device."""
+    if parallel is None:
+        return 0, 1, 0
+    return parallel.tp_rank, parallel.tp_size, parallel.dp_rank
+
+
+def _holds_head_copy_only(parallel: Optional[ParallelState]) -> bool:
+    """Whether this stage's tied embedding is only the LM head's copy (a later pipeline stage)."""
+    return parallel is not None and parallel.pp_enabled and not parallel.is_pipeline_first_stage()
 
 
 def _num_layers_of(module: nn.Module) -> Optional[int]:
@@ -227,7 +232,7 @@ def _own_cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if owns_storage else tensor.to("cpu", copy=True, memory_format=torch.contiguous_format)
 
 
-def save_layer_files(module: nn.Module, checkpoint_dir: str | os.PathLike, parallel_state: Any = None,
+def save_layer_files(module: nn.Module, checkpoint_dir: str | os.PathLike, parallel: Optional[ParallelState] = None,
                      num_layers: Optional[int] = None) -> list[Path]:
     """Write this rank's layer files of ``module`` into ``checkpoint_dir`` (one per layer index).
 
@@ -235,11 +240,12 @@ def save_layer_files(module: nn.Module, checkpoint_dir: str | os.PathLike, paral
     stage's layers; the LM head's copy of the tied embedding is written only by the first stage,
     as DeepSpeed does). Only data-parallel rank 0 writes. Returns the paths written by this rank.
     """
-    tp_rank, _, dp_rank, pp_size, first_stage = _coords(parallel_state)
+    tp_rank, _, dp_rank = _coords(parallel)
     if dp_rank != 0:
         return []
     state = module.state_dict()
-    names = [n for n in state if not (n.startswith(TIED_PREFIX) and pp_size > 1 and not first_stage)]
+    skip_tied = _holds_head_copy_only(parallel)
+    names = [n for n in state if not (skip_tied and n.startswith(TIED_PREFIX))]
     directory = Path(checkpoint_dir)
     directory.mkdir(parents=True, exist_ok=True)
     return [write_layer_file(directory, index, tp_rank, {key: state[name] for name, key in entries})
@@ -247,12 +253,13 @@ def save_layer_files(module: nn.Module, checkpoint_dir: str | os.PathLike, paral
 
 
 @torch.no_grad()
-def load_layer_files_into(module: nn.Module, checkpoint_dir: str | os.PathLike, parallel_state: Any = None,
-                          num_layers: Optional[int] = None, step: Optional[int] = None) -> dict[str, Any]:
+def load_layer_files_into(module: nn.Module, checkpoint_dir: str | os.PathLike,
+                          parallel: Optional[ParallelState] = None, num_layers: Optional[int] = None,
+                          step: Optional[int] = None) -> dict[str, Any]:
     """Fill ``module``'s parameters (and persistent buffers) from a checkpoint's layer files.
 
     ``module`` is our single-stage ``BloomForCausalLM`` (TP-sharded or not) or a DeepSpeed
-    ``PipelineModule`` holding one stage; ``parallel_state`` (a ``ParallelState``, or None for one
+    ``PipelineModule`` holding one stage; ``parallel`` (a ``ParallelState``, or None for one
     device) gives this rank's TP rank and size. The files may have been written at any TP size:
     when it differs from the running one, each layer's shards are merged and re-split for this
     rank. ``checkpoint_dir`` is a ``global_stepN`` directory or a save root (``latest`` or
@@ -269,7 +276,7 @@ def load_layer_files_into(module: nn.Module, checkpoint_dir: str | os.PathLike, 
     if num_layers != files.num_layers:
         raise ConversionError(f"the model has {num_layers} transformer layers but {directory} holds "
                               f"{files.num_layers}: check model.num_layers in the config")
-    tp_rank, tp_size, _, _, _ = _coords(parallel_state)
+    tp_rank, tp_size, _ = _coords(parallel)
     targets = dict(module.state_dict(keep_vars=True))
     loaded, files_read = 0, 0
     for index, entries in sorted(_group_by_layer(targets, num_layers).items()):

@@ -18,16 +18,20 @@ Only the first documents' tokens are read: the check stays fast on terabytes of 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from megatron.config import DataConfig
 
+if TYPE_CHECKING:  # for annotations; check_data imports them when it runs
+    from megatron.data.indexed_dataset import MMapIndexedDataset
+    from megatron.data.tokenizer import HFTokenizer
+
 DOCUMENTS_READ = 8  # per dataset: enough to see the end-of-document convention
 
 
-def check_data(data: DataConfig, tokenizer=None) -> list[str]:
+def check_data(data: DataConfig, tokenizer: Optional[HFTokenizer] = None) -> list[str]:
     """Every problem with ``data``'s tokenizer and dataset prefixes, one line each (empty: fine).
     ``tokenizer``: ``data.tokenizer`` already loaded by the caller (else it is loaded here)."""
     from megatron.data.indexed_dataset import IndexedDatasetError, MMapIndexedDataset
@@ -52,7 +56,7 @@ def check_data(data: DataConfig, tokenizer=None) -> list[str]:
     return problems
 
 
-def _disagreements(where: str, dataset, tokenizer) -> list[str]:
+def _disagreements(where: str, dataset: MMapIndexedDataset, tokenizer: HFTokenizer) -> list[str]:
     problems = []
     vocab = tokenizer.vocab_size
     dtype = np.dtype(dataset.dtype)

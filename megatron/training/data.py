@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from megatron.config import Config
 from megatron.core.parallel_state import ParallelState
@@ -33,7 +34,7 @@ class TrainingData:
     dp_rank: int
     dp_size: int
 
-    def _loader(self, dataset, consumed_samples: int):
+    def _loader(self, dataset: Dataset, consumed_samples: int) -> DataLoader:
         t = self.cfg.training
         loader = build_data_loader(dataset, consumed_samples, t.micro_batch_size, self.dp_rank, self.dp_size,
                                    self.cfg.data.num_workers, t.seed)

@@ -8,12 +8,15 @@ gradients: ZeRO's optimizers skip such a step and count it in ``engine.skipped_s
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
 from megatron.config import Config
+
+if TYPE_CHECKING:  # deepspeed is imported where an engine is built, not when this module loads
+    from deepspeed.runtime.engine import DeepSpeedEngine
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -78,7 +81,7 @@ def deepspeed_config(cfg: Config, data_parallel_size: int, global_batch_size: in
 
 
 def build_engine(cfg: Config, model: nn.Module, data_parallel_size: int, global_batch_size: int,
-                 mpu: Optional[Any] = None, load_universal: bool = False):
+                 mpu: Optional[Any] = None, load_universal: bool = False) -> DeepSpeedEngine:
     """``deepspeed.initialize`` with our generated config and parameter groups."""
     import deepspeed
 
@@ -93,7 +96,7 @@ def build_engine(cfg: Config, model: nn.Module, data_parallel_size: int, global_
     return engine
 
 
-def set_learning_rate(engine, lr: float) -> None:
+def set_learning_rate(engine: DeepSpeedEngine, lr: float) -> None:
     """Set the rate of every parameter group for the coming step (our schedule, not DeepSpeed's)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr

@@ -11,12 +11,17 @@ Both return the mean loss over the global batch as seen by this rank's data-para
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.distributed as dist
 
+from megatron.core.parallel_state import ParallelState
 from megatron.model.bloom import language_model_loss
+
+if TYPE_CHECKING:  # deepspeed is imported where an engine is built, not when this module loads
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine
 
 
 def _split(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +32,7 @@ def _split(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.
 class EngineSteps:
     """Micro-batch loop over a non-pipeline engine (TP through the model's layers, DP/ZeRO by DeepSpeed)."""
 
-    def __init__(self, engine, parallel, device: torch.device, fused_kernels: bool):
+    def __init__(self, engine: DeepSpeedEngine, parallel: ParallelState, device: torch.device, fused_kernels: bool):
         self.engine, self.parallel, self.device = engine, parallel, device
         self.tp_group = parallel.tp_group_or_none
         self.fused = fused_kernels
@@ -63,7 +68,7 @@ class EngineSteps:
 class PipelineSteps:
     """Global batches through DeepSpeed's pipeline engine (1F1B over PP, TP inside the layers)."""
 
-    def __init__(self, engine, parallel, device: torch.device, fused_kernels: bool):
+    def __init__(self, engine: PipelineEngine, parallel: ParallelState, device: torch.device, fused_kernels: bool):
         self.engine, self.device = engine, device
 
     def _pairs(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
