@@ -10,9 +10,9 @@ above 32,767 datasets), so blends are not limited to 255 datasets.
 The greedy rule is inherently sequential (each choice depends on all earlier ones), so it runs
 as a 15-line C loop (``blend_kernel.c``, shipped with the package) compiled on first use with
 the system C compiler (``$CC``, ``cc`` or ``gcc``; cached under ``~/.cache/bloom_megatron``) and
-loaded with ``ctypes``. Measured on one core: 10M samples take about 0.5 s over 2-46 datasets
-and 2.4 s over 300. Without a compiler an identical numpy loop runs instead (about 20 s per 10M
-samples over 46 datasets) with a warning.
+loaded with ``ctypes``. It builds 10M samples in about a second over 2-46 datasets and a few
+seconds over 300; without a compiler an identical numpy loop runs instead, with a warning, 20-400x
+slower (about 100x at 46 datasets); see bench/README.md, "Data index build and load".
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _native_kernel() -> Any | None:
                     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             lib = ctypes.CDLL(so_path)
         except (OSError, subprocess.SubprocessError) as e:
-            # The numpy fallback gives the same indices, ~40x slower: worth a line, not a failure.
+            # The numpy fallback gives the same indices, 20-400x slower: worth a line, not a failure.
             stderr = getattr(e, "stderr", b"") or b""
             logger.warning("could not build the C blend kernel in %s (%s%s); %s", directory, e,
                            f": {stderr.decode(errors='replace').strip()[:300]}" if stderr else "",
@@ -158,8 +158,8 @@ def build_blending_indices(
     else:
         if size > 1_000_000:
             warnings.warn(
-                f"building a blend of {size} samples with the numpy fallback (about 2 s per "
-                "million samples): install a C compiler (gcc) to make it ~40x faster",
+                f"building a blend of {size} samples with the numpy fallback (seconds per million "
+                "samples): install a C compiler (gcc) to make it about 100x faster",
                 stacklevel=2,
             )
         dataset_index, dataset_sample_index = _blend_numpy(w, size)

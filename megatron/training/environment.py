@@ -58,14 +58,14 @@ def describe_environment(cfg: "Config", world_size: int, layout: dict, device: "
     full.update({_LAYOUT_ALIASES.get(key, key): value for key, value in layout.items()})
     device = torch.device(device)
     packages = {"python": platform.python_version(), "torch": str(torch.__version__), "cuda": torch.version.cuda}
-    packages.update({name: _version(name) for name in PACKAGES})
+    packages.update({name: package_version(name) for name in PACKAGES})
     return {
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),
         "command": list(sys.argv),
         "git": git_state(Path(__file__).resolve().parents[2]),
         "packages": packages,
-        "device": {"type": device.type, "name": _device_name(device)},
+        "device": {"type": device.type, "name": device_name(device)},
         "cpu": dataclasses.asdict(CpuBf16Support.detect()),
         "precision": {"name": precision, "reason": precision_reason},
         "world_size": world_size,
@@ -126,7 +126,7 @@ def _git(root: Path, env: dict[str, str], *args: str) -> Optional[str]:
     return done.stdout if done.returncode == 0 else None
 
 
-def _version(distribution: str) -> Optional[str]:
+def package_version(distribution: str) -> Optional[str]:
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -141,7 +141,7 @@ def _probe(owner: Any, name: str, *args: Any) -> Any:
         return None
 
 
-def _device_name(device: "torch.device") -> Optional[str]:
+def device_name(device: "torch.device") -> Optional[str]:
     import torch
 
     if device.type == "cuda":

@@ -4,9 +4,9 @@ The fused path is ``scaled_dot_product_attention`` with the ALiBi + causal bias 
 float mask of shape [1, heads, s, s]: with that 4-D shape PyTorch's CPU dispatcher picks its
 flash-attention kernel (a 3-D mask falls back to the unfused math path), and on GPUs the
 memory-efficient kernel, both of which never materialise the attention probabilities for the
-backward. On CPU the flash kernel runs bf16 inputs about 2.3x slower than fp32 ones
-(measured: 116 ms vs 50 ms forward+backward at batch 4, 8 heads, seq 512, head dim 64), so
-bf16 inputs are computed in fp32 there and cast back.
+backward. On a CPU without native bf16 (AVX2) the flash kernel runs bf16 inputs about 4.5x
+slower than fp32 ones forward+backward (the backward; the forward is on par), so bf16 inputs are
+computed in fp32 there and cast back (bench/README.md, "Attention on CPU by input dtype").
 """
 
 from __future__ import annotations
