@@ -54,9 +54,18 @@ class ModelConfig:
     init_method_std: float = 0.0048
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
-    # Fused attention and cross-entropy kernels (megatron/model/kernels); false runs the plain
-    # PyTorch references, for debugging and kernel tests.
+    # Kernels (megatron/model/kernels chooses per device and logs the choice). False here runs
+    # every plain PyTorch reference, for debugging and kernel tests.
     use_fused_kernels: bool = True
+    # Megatron's switches: bias + GeLU, bias + dropout + residual add, fused masked softmax (for
+    # us: any fused attention under attention_implementation: auto), and Megatron-core's fused
+    # cross entropy.
+    bias_gelu_fusion: bool = True
+    bias_dropout_fusion: bool = True
+    masked_softmax_fusion: bool = True
+    cross_entropy_loss_fusion: bool = True
+    # auto (per device) or an implementation's name from megatron/model/kernels.
+    attention_implementation: str = "auto"
 
     @property
     def ffn_size(self) -> int:
@@ -129,6 +138,9 @@ class OptimizerConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1.0e-8
+    # auto (per device), torch_fused, torch_foreach, torch_for_loop or deepspeed_fused: the
+    # registry in megatron/model/kernels chooses and logs it.
+    adam_implementation: str = "auto"
     weight_decay: float = 0.1
     clip_grad: float = 1.0
     # Megatron-DeepSpeed's --use-bnb-optimizer (bitsandbytes 8-bit Adam, 32-bit state for the

@@ -1,12 +1,21 @@
-"""Every fused kernel equals its PyTorch reference, forward and backward."""
+"""Every fused kernel equals its PyTorch reference, forward and backward, and the registry
+chooses, logs and refuses implementations as the config says."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from megatron.config import ModelConfig
 from megatron.model.alibi import alibi_slopes
-from megatron.model.kernels import cross_entropy, get_kernel, kernel_names
+from megatron.model.kernels import cross_entropy, elementwise, implementation, kernel_names, select_kernels
+
+FUSED = {"attention": "sdpa_mask", "cross_entropy": "chunked"}
+
+
+def get_kernel(name: str, fused: bool = True):
+    """The default fused implementation of ``name`` on CPU, or its reference."""
+    return implementation(name, FUSED[name] if fused else "reference")
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
@@ -57,6 +66,84 @@ def test_cross_entropy_matches_reference(dtype, atol, monkeypatch):
 
 
 def test_registry_names_and_errors():
-    assert kernel_names() == ["attention", "cross_entropy"]
-    with pytest.raises(KeyError, match="unknown kernel 'softmax'"):
-        get_kernel("softmax")
+    assert kernel_names() == ["attention", "bias_dropout_add", "bias_gelu", "cross_entropy"]
+    with pytest.raises(KeyError, match="unknown kernel implementation softmax/fused"):
+        implementation("softmax", "fused")
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 1.6e-2)])
+def test_bias_gelu_matches_reference(dtype, atol):
+    x = (3 * torch.randn(5, 7, 64)).to(dtype).requires_grad_()
+    bias = torch.randn(64).to(dtype).requires_grad_()
+    weights = torch.randn(5, 7, 64)
+    results = []
+    for fn in (elementwise.fused_bias_gelu, elementwise.reference_bias_gelu):
+        out = fn(x, bias)
+        assert out.dtype == dtype
+        (out.float() * weights).sum().backward()
+        results.append((out.detach().float(), x.grad.float().clone(), bias.grad.float().clone()))
+        x.grad = bias.grad = None
+    (out, gx, gb), (ref_out, ref_gx, ref_gb) = results
+    # bf16: both round an fp32 result once; a rounding step apart at most.
+    assert (out - ref_out).abs().max().item() <= atol * max(1.0, ref_out.abs().max().item())
+    assert (gx - ref_gx).abs().max().item() <= atol * max(1.0, ref_gx.abs().max().item())
+    assert (gb - ref_gb).abs().max().item() <= atol * 40 * max(1.0, ref_gb.abs().max().item())
+
+
+def test_bias_dropout_add_matches_reference():
+    x, residual = torch.randn(4, 6, 32, requires_grad=True), torch.randn(4, 6, 32, requires_grad=True)
+    bias = torch.randn(32, requires_grad=True)
+    for training, p in ((False, 0.3), (True, 0.0)):
+        fused = elementwise.fused_bias_dropout_add(x, bias, residual, p, training)
+        assert torch.equal(fused, elementwise.reference_bias_dropout_add(x, bias, residual, p, training))
+    # With dropout, the same stream gives the same mask as the reference's F.dropout.
+    torch.manual_seed(3)
+    fused = elementwise.fused_bias_dropout_add(x, bias, residual, 0.5, True)
+    torch.manual_seed(3)
+    assert torch.equal(fused, residual + torch.nn.functional.dropout(x + bias, 0.5, True))
+
+
+def test_selection_follows_the_config_and_refuses_what_cannot_run():
+    cpu = select_kernels(ModelConfig(), "cpu")
+    assert (cpu.attention.name, cpu.cross_entropy.name) == ("sdpa_mask", "chunked")
+    assert cpu.bias_gelu.name == "reference" and "matmul-bound" in cpu.bias_gelu.reason
+    cuda = select_kernels(ModelConfig(), "cuda")
+    assert (cuda.bias_gelu.name, cuda.bias_dropout_add.name) == ("fused", "fused")
+    off = select_kernels(ModelConfig(bias_gelu_fusion=False, masked_softmax_fusion=False), "cuda")
+    assert (off.bias_gelu.name, off.attention.name) == ("reference", "reference")
+    assert "model.bias_gelu_fusion=false" in off.describe()
+    plain = select_kernels(ModelConfig(use_fused_kernels=False), "cuda")
+    assert {plain.attention.name, plain.cross_entropy.name, plain.bias_gelu.name} == {"reference"}
+    with pytest.raises(ValueError, match="model.attention_implementation: 'softmax' is not an implementation"):
+        select_kernels(ModelConfig(attention_implementation="softmax"), "cpu")
+
+
+def test_model_with_fused_elementwise_kernels_equals_the_reference_model():
+    """The fused path (biases taken apart from the matmuls) trains the same function."""
+    import dataclasses
+
+    from megatron.model.bloom import build_model
+    from megatron.model.kernels import KernelChoice
+
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=16,
+                      init_method_std=0.2)
+    reference = build_model(cfg, seed=1)
+    cpu = select_kernels(cfg, "cpu")
+    fused = dataclasses.replace(
+        cpu, bias_gelu=KernelChoice("bias_gelu", "fused", "test", elementwise.fused_bias_gelu),
+        bias_dropout_add=KernelChoice("bias_dropout_add", "fused", "test", elementwise.fused_bias_dropout_add))
+    model = build_model(cfg, seed=1, kernels=fused)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # non-zero biases
+    model.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 128, (3, 16))
+    outputs = []
+    for m in (model, reference):
+        logits = m(ids)
+        logits.square().mean().backward()
+        outputs.append((logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (logits, grads), (ref_logits, ref_grads) = outputs
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

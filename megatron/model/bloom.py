@@ -46,7 +46,7 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from megatron.model.alibi import alibi_slopes_for_rank
-from megatron.model.kernels import get_kernel
+from megatron.model.kernels import Kernels, implementation, select_kernels
 from megatron.model.layout import EMBEDDING_INDEX, block_index
 
 
@@ -110,7 +110,7 @@ class BloomEmbedding(nn.Module):
 class BloomAttention(nn.Module):
     """Causal self-attention with ALiBi over this rank's heads (kernel: megatron/model/kernels)."""
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, tp_group=None, sequence_parallel: bool = False,
                  generator: Optional[torch.Generator] = None, rng_tracker: Optional[RNGStatesTracker] = None):
         super().__init__()
         self.rng_tracker = rng_tracker
@@ -118,17 +118,19 @@ class BloomAttention(nn.Module):
         self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp_group,
                                                     sequence_parallel=sequence_parallel,
                                                     init_method=normal_init(std, generator))
+        # With a fused bias-dropout-add the block adds the output bias (forward returns it apart).
         self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp_group, sequence_parallel=sequence_parallel,
-                                       init_method=normal_init(out_std, generator))
+                                       init_method=normal_init(out_std, generator),
+                                       skip_bias_add=kernels.bias_dropout_add.name != "reference")
         tp_rank, tp_size = self.query_key_value.tp_rank, self.query_key_value.tp_size
         self.num_heads = cfg.num_attention_heads // tp_size
         self.head_dim = cfg.head_dim
         self.dropout_p = cfg.attention_dropout
-        self.attention = get_kernel("attention", cfg.use_fused_kernels)
+        self.attention = kernels.attention.fn
         self.register_buffer("alibi_slopes", alibi_slopes_for_rank(cfg.num_attention_heads, tp_rank, tp_size),
                              persistent=False)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, Optional[torch.Tensor]]:
         qkv = self.query_key_value(hidden)
         batch, seq, _ = qkv.shape
         qkv = qkv.view(batch, seq, self.num_heads, 3, self.head_dim)
@@ -143,18 +145,26 @@ class BloomAttention(nn.Module):
 class BloomMLP(nn.Module):
     """h -> 4h (column-parallel), tanh-approximated GeLU, 4h -> h (row-parallel)."""
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, tp_group=None, sequence_parallel: bool = False,
                  generator: Optional[torch.Generator] = None):
         super().__init__()
         std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+        # Fused kernels take the biases apart from the matmuls; the references keep them inside.
+        self.fused_bias_gelu = kernels.bias_gelu.name != "reference"
+        self.bias_gelu = kernels.bias_gelu.fn
         self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, tp_group,
                                                   sequence_parallel=sequence_parallel,
-                                                  init_method=normal_init(std, generator))
+                                                  init_method=normal_init(std, generator),
+                                                  skip_bias_add=self.fused_bias_gelu)
         self.dense_4h_to_h = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, tp_group,
                                                sequence_parallel=sequence_parallel,
-                                               init_method=normal_init(out_std, generator))
+                                               init_method=normal_init(out_std, generator),
+                                               skip_bias_add=kernels.bias_dropout_add.name != "reference")
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The output; ``(output without bias, bias)`` when the block adds the bias (fused)."""
+        if self.fused_bias_gelu:
+            return self.dense_4h_to_h(self.bias_gelu(*self.dense_h_to_4h(hidden)))
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden), approximate="tanh"))
 
 
@@ -166,14 +176,17 @@ class BloomBlock(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, layer_number: int, tp_group=None, sequence_parallel: bool = False,
-                 seed: int = 0, rng_tracker: Optional[RNGStatesTracker] = None):
+                 seed: int = 0, rng_tracker: Optional[RNGStatesTracker] = None, kernels: Optional[Kernels] = None):
         super().__init__()
+        kernels = kernels or select_kernels(cfg, "cpu")
         generator = layer_generator(seed, block_index(layer_number))
         eps = cfg.layernorm_epsilon
         self.input_layernorm = SequenceParallelLayerNorm(cfg.hidden_size, eps, tp_group, sequence_parallel)
-        self.self_attention = BloomAttention(cfg, tp_group, sequence_parallel, generator, rng_tracker)
+        self.self_attention = BloomAttention(cfg, kernels, tp_group, sequence_parallel, generator, rng_tracker)
         self.post_attention_layernorm = SequenceParallelLayerNorm(cfg.hidden_size, eps, tp_group, sequence_parallel)
-        self.mlp = BloomMLP(cfg, tp_group, sequence_parallel, generator)
+        self.mlp = BloomMLP(cfg, kernels, tp_group, sequence_parallel, generator)
+        self.fused_bias_dropout_add = kernels.bias_dropout_add.name != "reference"
+        self.bias_dropout_add = kernels.bias_dropout_add.fn
         self.hidden_dropout = cfg.hidden_dropout
         self.rng_tracker = rng_tracker
         # The residual stream is duplicated across TP ranks, or split over them by sequence.
@@ -182,11 +195,17 @@ class BloomBlock(nn.Module):
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.hidden_dropout, self.training, self.rng_tracker, model_parallel=self.split_across_tp)
 
+    def _residual(self, branch, residual: torch.Tensor) -> torch.Tensor:
+        if not self.fused_bias_dropout_add:
+            return residual + self._dropout(branch)
+        output, bias = branch
+        p = self.hidden_dropout if self.training else 0.0
+        with model_parallel_region(self.rng_tracker, active=p > 0.0 and self.split_across_tp):
+            return self.bias_dropout_add(output, bias, residual, p, self.training)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        attention = self.self_attention(self.input_layernorm(hidden))
-        hidden = hidden + self._dropout(attention)
-        mlp = self.mlp(self.post_attention_layernorm(hidden))
-        return hidden + self._dropout(mlp)
+        hidden = self._residual(self.self_attention(self.input_layernorm(hidden)), hidden)
+        return self._residual(self.mlp(self.post_attention_layernorm(hidden)), hidden)
 
 
 def lm_head_logits(hidden: torch.Tensor, embedding: StableEmbedding) -> torch.Tensor:
@@ -208,13 +227,14 @@ class BloomForCausalLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: Optional[int] = None, tp_group=None,
                  sequence_parallel: bool = False, seed: int = 0, checkpoint_num_layers: int = 0,
-                 rng_tracker: Optional[RNGStatesTracker] = None):
+                 rng_tracker: Optional[RNGStatesTracker] = None, kernels: Optional[Kernels] = None):
         super().__init__()
+        kernels = kernels or select_kernels(cfg, "cpu")
         self.cfg = cfg
         self.padded_vocab_size = padded_vocab_size or cfg.padded_vocab_size()
         self.rng_tracker = rng_tracker
         self.embedding = BloomEmbedding(cfg, self.padded_vocab_size, tp_group, sequence_parallel, seed, rng_tracker)
-        self.layers = nn.ModuleList(BloomBlock(cfg, i, tp_group, sequence_parallel, seed, rng_tracker)
+        self.layers = nn.ModuleList(BloomBlock(cfg, i, tp_group, sequence_parallel, seed, rng_tracker, kernels)
                                     for i in range(cfg.num_layers))
         self.final_layernorm = SequenceParallelLayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, tp_group,
                                                          sequence_parallel)
@@ -269,7 +289,7 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: O
     if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
         losses = vocab_parallel_cross_entropy(flat_logits, flat_labels, tp_group)
     else:
-        losses = get_kernel("cross_entropy", fused)(flat_logits, flat_labels)
+        losses = implementation("cross_entropy", "chunked" if fused else "reference")(flat_logits, flat_labels)
     if loss_mask is None:
         return losses.mean()
     mask = loss_mask.flatten().float()
@@ -285,9 +305,12 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def build_model(cfg: ModelConfig, padded_vocab_size: Optional[int] = None, device: str | torch.device = "cpu",
                 tp_group=None, sequence_parallel: bool = False, seed: int = 0,
-                checkpoint_num_layers: int = 0, rng_tracker: Optional[RNGStatesTracker] = None) -> BloomForCausalLM:
+                checkpoint_num_layers: int = 0, rng_tracker: Optional[RNGStatesTracker] = None,
+                kernels: Optional[Kernels] = None) -> BloomForCausalLM:
     """Build the model; ``device="meta"`` allocates nothing (for dry runs). ``rng_tracker``: the
-    rank's tensor-parallel random streams, for dropout (none needed without dropout)."""
+    rank's tensor-parallel random streams, for dropout (none needed without dropout).
+    ``kernels``: the implementations to run (default: the registry's choice for ``device``)."""
+    kernels = kernels or select_kernels(cfg, torch.device(device).type)
     with torch.device(device):
         return BloomForCausalLM(cfg, padded_vocab_size, tp_group, sequence_parallel, seed, checkpoint_num_layers,
-                                rng_tracker)
+                                rng_tracker, kernels)

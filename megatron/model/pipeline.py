@@ -16,11 +16,14 @@ matches, so BLOOM-176B's 70 blocks + 2 embeddings split 6 per stage over 12 stag
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from megatron.config import Config
 from megatron.core.tensor_parallel import SequenceParallelLayerNorm
 from megatron.model.bloom import BloomBlock, BloomEmbedding, language_model_loss, lm_head_logits
+from megatron.model.kernels import Kernels
 from megatron.model.layout import EMBEDDING_INDEX, TIED_EMBEDDING_KEY, block_index, final_layernorm_index, lm_head_index
 
 
@@ -44,7 +47,7 @@ def _lm_head(module: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
     return lm_head_logits(hidden, module.word_embeddings)
 
 
-def layer_specs(cfg: Config, tp_group=None, seed: int = 0, rng_tracker=None) -> list:
+def layer_specs(cfg: Config, tp_group=None, seed: int = 0, rng_tracker=None, kernels: Optional[Kernels] = None) -> list:
     """The spec list of BLOOM's pipeline (see the module docstring for the indices)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
@@ -55,7 +58,7 @@ def layer_specs(cfg: Config, tp_group=None, seed: int = 0, rng_tracker=None) -> 
     specs[EMBEDDING_INDEX] = TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, **embedding,
                                            tied_weight_attr="word_embeddings.weight")
     for i in range(m.num_layers):
-        specs[block_index(i)] = LayerSpec(TransformerLayerPipe, m, i, tp_group, sp, seed, rng_tracker)
+        specs[block_index(i)] = LayerSpec(TransformerLayerPipe, m, i, tp_group, sp, seed, rng_tracker, kernels)
     specs[final_layernorm_index(m.num_layers)] = LayerSpec(FinalLayerNormPipe, m.hidden_size, m.layernorm_epsilon,
                                                            tp_group, sp)
     specs[lm_head_index(m.num_layers)] = TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, **embedding,
@@ -74,7 +77,7 @@ def layer_class_names(num_layers: int) -> list[str]:
     return names
 
 
-def build_pipeline_model(cfg: Config, parallel, seed: int, rng_tracker=None):
+def build_pipeline_model(cfg: Config, parallel, seed: int, rng_tracker=None, kernels: Optional[Kernels] = None):
     """DeepSpeed ``PipelineModule`` over our parallel state's topology (PP x DP x TP).
 
     With an ``rng_tracker`` its checkpoint function recomputes blocks: DeepSpeed's default one
@@ -90,7 +93,7 @@ def build_pipeline_model(cfg: Config, parallel, seed: int, rng_tracker=None):
 
     extra = {"activation_checkpoint_func": rng_tracker.checkpoint} if rng_tracker is not None else {}
     return PipelineModule(
-        layers=layer_specs(cfg, tp_group, seed, rng_tracker),
+        layers=layer_specs(cfg, tp_group, seed, rng_tracker, kernels),
         loss_fn=loss_fn,
         topology=parallel.deepspeed_topology(),
         partition_method=cfg.parallel.pp_partition_method,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from megatron.config import Config
+from megatron.model.kernels import select_adam
 
 if TYPE_CHECKING:  # deepspeed is imported where an engine is built, not when this module loads
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -58,8 +59,7 @@ def deepspeed_config(cfg: Config, data_parallel_size: int, global_batch_size: in
                 "betas": [o.adam_beta1, o.adam_beta2],
                 "eps": o.adam_eps,
                 "weight_decay": o.weight_decay,
-                # torch's AdamW on CPU: DeepSpeed's fused Adam needs a CUDA build.
-                "torch_adam": not on_gpu,
+                **select_adam(o, "cuda" if on_gpu else "cpu").fn(),
             },
         },
         "bf16": {"enabled": t.bf16},

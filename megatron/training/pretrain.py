@@ -23,6 +23,7 @@ from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import MODEL_PARALLEL_RNG, RNGStatesTracker, model_parallel_seed
 from megatron.errors import ConversionError
 from megatron.model.bloom import build_model
+from megatron.model.kernels import select_adam, select_kernels
 from megatron.model.pipeline import build_pipeline_model
 from megatron.training.data import build_training_data
 from megatron.training.engine import build_engine
@@ -133,13 +134,17 @@ def build_network(cfg: Config, parallel: ParallelState, device: torch.device,
     """The model for this rank: a PipelineModule when PP > 1, else the TP-aware BLOOM; dropout
     draws from ``rng_tracker`` where activations differ across TP ranks."""
     t, p = cfg.training, cfg.parallel
+    kernels = select_kernels(cfg.model, torch.device(device).type)
+    if parallel.rank == 0:
+        adam = select_adam(cfg.optimizer, torch.device(device).type)
+        logging.getLogger(__name__).info("%s, adamw=%s (%s)", kernels.describe(), adam.name, adam.reason)
     if parallel.pp_enabled:
-        return build_pipeline_model(cfg, parallel, cfg.training.seed, rng_tracker).to(device)
+        return build_pipeline_model(cfg, parallel, cfg.training.seed, rng_tracker, kernels).to(device)
     return build_model(cfg.model, cfg.padded_vocab_size, device=device,
                        tp_group=parallel.tp_group_or_none,
                        sequence_parallel=p.sequence_parallel, seed=t.seed,
                        checkpoint_num_layers=t.checkpoint_num_layers if t.checkpoint_activations else 0,
-                       rng_tracker=rng_tracker)
+                       rng_tracker=rng_tracker, kernels=kernels)
 
 
 def initial_weights(cfg: Config) -> Optional[Path]:

@@ -106,13 +106,17 @@ class ColumnParallelLinear(_TensorParallelModule):
     def __init__(self, in_features: int, out_features: int, group: Optional[ProcessGroup] = None, *,
                  bias: bool = True, gather_output: bool = False, sequence_parallel: bool = False,
                  init_method: Optional[InitMethod] = None, seq_dim: int = 1, dtype: torch.dtype = torch.float32,
-                 device: Optional[torch.device | str] = None):
+                 device: Optional[torch.device | str] = None, skip_bias_add: bool = False):
         super().__init__(group)
         if gather_output and sequence_parallel:
             raise ValueError("gather_output=True and sequence_parallel=True together are not supported: the "
                              "output of a sequence-parallel column layer stays split over TP")
+        if gather_output and skip_bias_add:
+            raise ValueError("gather_output=True and skip_bias_add=True together are not supported: add the bias "
+                             "before gathering the output")
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.sequence_parallel, self.seq_dim = gather_output, sequence_parallel, seq_dim
+        self.skip_bias_add = skip_bias_add
         local_out = _divide(out_features, self.tp_size, "out_features")
         self.weight = nn.Parameter(torch.empty(local_out, in_features, dtype=dtype, device=device))
         set_tensor_model_parallel_attributes(self.weight, True, 0)
@@ -123,11 +127,14 @@ class ColumnParallelLinear(_TensorParallelModule):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``Y``; with ``skip_bias_add``, ``(X A^T, b)`` for a fused kernel to add ``b`` (Megatron's)."""
         if self.sequence_parallel:
             x = gather_from_sequence_parallel_region(x, self.tp_group, self.seq_dim)
         else:
             x = copy_to_tensor_model_parallel_region(x, self.tp_group)
+        if self.skip_bias_add:
+            return F.linear(x, self.weight), self.bias
         y = F.linear(x, self.weight, self.bias)
         return gather_from_tensor_model_parallel_region(y, self.tp_group) if self.gather_output else y
 
@@ -149,12 +156,13 @@ class RowParallelLinear(_TensorParallelModule):
     def __init__(self, in_features: int, out_features: int, group: Optional[ProcessGroup] = None, *,
                  bias: bool = True, input_is_parallel: bool = True, sequence_parallel: bool = False,
                  init_method: Optional[InitMethod] = None, seq_dim: int = 1, dtype: torch.dtype = torch.float32,
-                 device: Optional[torch.device | str] = None):
+                 device: Optional[torch.device | str] = None, skip_bias_add: bool = False):
         super().__init__(group)
         if sequence_parallel and not input_is_parallel:
             raise ValueError("sequence_parallel=True requires input_is_parallel=True")
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel, self.seq_dim = input_is_parallel, sequence_parallel, seq_dim
+        self.skip_bias_add = skip_bias_add
         local_in = _divide(in_features, self.tp_size, "in_features")
         self.weight = nn.Parameter(torch.empty(out_features, local_in, dtype=dtype, device=device))
         set_tensor_model_parallel_attributes(self.weight, True, 1)
@@ -166,7 +174,8 @@ class RowParallelLinear(_TensorParallelModule):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``Y``; with ``skip_bias_add``, ``(reduced X A^T, b)`` for a fused kernel to add ``b``."""
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.tp_group)
         partial_sum = F.linear(x, self.weight)
@@ -175,11 +184,11 @@ class RowParallelLinear(_TensorParallelModule):
         else:
             y = reduce_from_tensor_model_parallel_region(partial_sum, self.tp_group)
         if self.bias is None:
-            return y
+            return (y, None) if self.skip_bias_add else y
         # Under sequence parallelism each rank's bias gradient covers only its sequence chunk;
         # f's backward all-reduce sums them inside autograd, before any engine sees the grads.
         bias = copy_to_tensor_model_parallel_region(self.bias, self.tp_group) if self.sequence_parallel else self.bias
-        return y + bias
+        return (y, bias) if self.skip_bias_add else y + bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "

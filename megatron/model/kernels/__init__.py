@@ -1,34 +1,193 @@
-"""Fused kernels behind one small registry; each has a plain PyTorch reference.
+"""The kernel registry: every fused kernel has a plain PyTorch reference, and the implementation
+each kernel runs is chosen once per device when the model is built.
 
-``get_kernel(name, fused)`` returns the fused implementation when ``fused`` is true and the
-reference otherwise. Tests check every fused kernel against its reference in forward and
-backward, so the reference is the specification.
+    kernels = select_kernels(cfg.model, "cuda")   # Kernels: one KernelChoice per kernel
+    kernels.attention.fn(q, k, v, slopes, dropout_p)
+    print(kernels.describe())                      # what was chosen, and why
 
-Kernels:
-    attention      causal self-attention with an ALiBi bias
-    cross_entropy  per-token next-token loss in fp32 from (bf16) logits
+The switches are Megatron's where Megatron has one (``model.bias_gelu_fusion``,
+``model.bias_dropout_fusion``, ``model.masked_softmax_fusion``, Megatron-core's
+``model.cross_entropy_loss_fusion``), plus ``model.attention_implementation`` (``auto`` or a
+name below) and ``model.use_fused_kernels``, which turns every kernel to its reference at once
+(debugging, kernel tests). ``auto`` picks per device; a named implementation the device cannot
+run is refused with the reason, as Megatron-DeepSpeed's
+``--abort-on-unmet-fused-kernel-constraints`` does, instead of silently running another one.
+
+Kernels and implementations:
+    attention         reference (fp32 matmuls), sdpa_mask (SDPA with an explicit [heads, s, s]
+                      ALiBi + causal mask)
+    cross_entropy     reference (fp32 copy of the logits), chunked (megatron/model/kernels/cross_entropy.py)
+    bias_gelu         reference (add, then torch's gelu), fused (one region, analytic backward)
+    bias_dropout_add  reference (three ops), fused (one region without dropout)
+
+The optimizer's AdamW is chosen here too (``optimizer.adam_implementation``), as the parameters
+DeepSpeed builds it from: torch's ``fused=True`` kernel (CPU and CUDA), its multi-tensor
+``foreach`` one, its per-parameter loop (what torch runs on CPU by default), or DeepSpeed's
+CUDA FusedAdam (Megatron-DeepSpeed's).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
 
-from megatron.model.kernels import attention, cross_entropy
+from megatron.config import ModelConfig, OptimizerConfig
+from megatron.model.kernels import attention, cross_entropy, elementwise
 
-_REGISTRY: dict[str, dict[bool, Callable]] = {
-    "attention": {True: attention.fused_alibi_attention, False: attention.reference_alibi_attention},
-    "cross_entropy": {True: cross_entropy.fused_cross_entropy, False: cross_entropy.reference_cross_entropy},
+# A device the implementation cannot serve, with this model config: the reason, else None.
+Unavailable = Callable[[str, ModelConfig], Optional[str]]
+
+
+def _anywhere(device_type: str, cfg: ModelConfig) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One implementation of a kernel and the condition under which it can run."""
+
+    fn: Callable
+    unavailable: Unavailable = _anywhere
+
+
+IMPLEMENTATIONS: dict[str, dict[str, Implementation]] = {
+    "attention": {
+        "reference": Implementation(attention.reference_alibi_attention),
+        "sdpa_mask": Implementation(attention.fused_alibi_attention),
+    },
+    "cross_entropy": {
+        "reference": Implementation(cross_entropy.reference_cross_entropy),
+        "chunked": Implementation(cross_entropy.fused_cross_entropy),
+    },
+    "bias_gelu": {
+        "reference": Implementation(elementwise.reference_bias_gelu),
+        "fused": Implementation(elementwise.fused_bias_gelu),
+    },
+    "bias_dropout_add": {
+        "reference": Implementation(elementwise.reference_bias_dropout_add),
+        "fused": Implementation(elementwise.fused_bias_dropout_add),
+    },
 }
 
 
-def get_kernel(name: str, fused: bool = True) -> Callable:
-    """The fused (or reference) implementation of kernel ``name``."""
+@dataclass(frozen=True)
+class KernelChoice:
+    """The implementation one kernel runs, and why it was chosen."""
+
+    kernel: str
+    name: str
+    reason: str
+    fn: Callable
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The implementation of every kernel for one model on one device."""
+
+    attention: KernelChoice
+    cross_entropy: KernelChoice
+    bias_gelu: KernelChoice
+    bias_dropout_add: KernelChoice
+
+    def describe(self) -> str:
+        """One line: ``kernels: attention=sdpa_mask (auto on cpu), ...``."""
+        parts = [f"{c.kernel}={c.name} ({c.reason})" for c in (getattr(self, f.name) for f in fields(self))]
+        return "kernels: " + ", ".join(parts)
+
+
+def _choice(kernel: str, name: str, reason: str, device_type: str, cfg: ModelConfig, field: str) -> KernelChoice:
+    if name not in IMPLEMENTATIONS[kernel]:
+        raise ValueError(f"model.{field}: {name!r} is not an implementation of {kernel}; choose auto or one of "
+                         f"{sorted(IMPLEMENTATIONS[kernel])}")
+    implementation = IMPLEMENTATIONS[kernel][name]
+    refused = implementation.unavailable(device_type, cfg)
+    if refused:
+        raise ValueError(f"model.{field}: {kernel} implementation {name!r} cannot run here: {refused}; set "
+                         f"model.{field} to auto or another implementation")
+    return KernelChoice(kernel, name, reason, implementation.fn)
+
+
+# Where each fused elementwise kernel is worth running. On CPU a step is matmul-bound (bench/README.md,
+# "One training step against transformers"), so torch's eager elementwise ops cost next to nothing
+# there, and compiling them would cost every run and test its compile time.
+_ELEMENTWISE_DEVICES = ("cuda",)
+
+
+def _switch(kernel: str, enabled: bool, field: str, device_type: str, cfg: ModelConfig, fused: str,
+            devices: Optional[tuple[str, ...]] = None) -> KernelChoice:
+    if not cfg.use_fused_kernels:
+        return _choice(kernel, "reference", "model.use_fused_kernels=false", device_type, cfg, field)
+    if not enabled:
+        return _choice(kernel, "reference", f"model.{field}=false", device_type, cfg, field)
+    if devices is not None and device_type not in devices:
+        return _choice(kernel, "reference", f"eager on {device_type}: the step is matmul-bound there", device_type,
+                       cfg, field)
+    return _choice(kernel, fused, f"model.{field}=true", device_type, cfg, field)
+
+
+def select_kernels(cfg: ModelConfig, device_type: str) -> Kernels:
+    """Every kernel's implementation for ``cfg`` on a ``device_type`` (``"cpu"``, ``"cuda"``)
+    device; raises ValueError naming the config field when a requested one cannot run."""
+    requested = cfg.attention_implementation
+    if requested != "auto":
+        attention_choice = _choice("attention", requested, "model.attention_implementation", device_type, cfg,
+                                   "attention_implementation")
+    elif not cfg.use_fused_kernels or not cfg.masked_softmax_fusion:
+        why = "model.use_fused_kernels=false" if not cfg.use_fused_kernels else "model.masked_softmax_fusion=false"
+        attention_choice = _choice("attention", "reference", why, device_type, cfg, "attention_implementation")
+    else:
+        attention_choice = _choice("attention", "sdpa_mask", f"auto on {device_type}", device_type, cfg,
+                                   "attention_implementation")
+    return Kernels(
+        attention=attention_choice,
+        cross_entropy=_switch("cross_entropy", cfg.cross_entropy_loss_fusion, "cross_entropy_loss_fusion",
+                              device_type, cfg, "chunked"),
+        bias_gelu=_switch("bias_gelu", cfg.bias_gelu_fusion, "bias_gelu_fusion", device_type, cfg, "fused",
+                          _ELEMENTWISE_DEVICES),
+        bias_dropout_add=_switch("bias_dropout_add", cfg.bias_dropout_fusion, "bias_dropout_fusion", device_type,
+                                 cfg, "fused", _ELEMENTWISE_DEVICES),
+    )
+
+
+def _needs_cuda(device_type: str, cfg: object) -> Optional[str]:
+    return None if device_type == "cuda" else f"DeepSpeed's FusedAdam is a CUDA kernel and the device is {device_type}"
+
+
+# What DeepSpeed's "AdamW" optimizer section needs for each implementation ("torch_adam": build
+# torch.optim.AdamW with the remaining keys as its arguments).
+ADAM_IMPLEMENTATIONS: dict[str, Implementation] = {
+    "torch_fused": Implementation(lambda: {"torch_adam": True, "fused": True}),
+    "torch_foreach": Implementation(lambda: {"torch_adam": True, "foreach": True}),
+    "torch_for_loop": Implementation(lambda: {"torch_adam": True, "foreach": False}),
+    "deepspeed_fused": Implementation(lambda: {"torch_adam": False}, _needs_cuda),
+}
+
+
+def select_adam(cfg: OptimizerConfig, device_type: str) -> KernelChoice:
+    """The AdamW implementation on ``device_type``; ``fn()`` gives its DeepSpeed optimizer params.
+    ``auto``: DeepSpeed's FusedAdam on CUDA (Megatron-DeepSpeed's), torch's fused kernel elsewhere."""
+    name, reason = cfg.adam_implementation, "optimizer.adam_implementation"
+    if name == "auto":
+        name, reason = ("deepspeed_fused" if device_type == "cuda" else "torch_fused"), f"auto on {device_type}"
+    if name not in ADAM_IMPLEMENTATIONS:
+        raise ValueError(f"optimizer.adam_implementation: {name!r} is not an AdamW implementation; choose auto or "
+                         f"one of {sorted(ADAM_IMPLEMENTATIONS)}")
+    refused = ADAM_IMPLEMENTATIONS[name].unavailable(device_type, cfg)
+    if refused:
+        raise ValueError(f"optimizer.adam_implementation: {name!r} cannot run here: {refused}; set it to auto or "
+                         "a torch_* implementation")
+    return KernelChoice("adamw", name, reason, ADAM_IMPLEMENTATIONS[name].fn)
+
+
+def implementation(kernel: str, name: str) -> Callable:
+    """The function of implementation ``name`` of ``kernel`` (tests and benchmarks)."""
     try:
-        return _REGISTRY[name][fused]
+        return IMPLEMENTATIONS[kernel][name].fn
     except KeyError:
-        raise KeyError(f"unknown kernel {name!r}; known: {sorted(_REGISTRY)}") from None
+        known = {k: sorted(v) for k, v in IMPLEMENTATIONS.items()}
+        raise KeyError(f"unknown kernel implementation {kernel}/{name}; known: {known}") from None
 
 
 def kernel_names() -> list[str]:
     """Names of every registered kernel."""
-    return sorted(_REGISTRY)
+    return sorted(IMPLEMENTATIONS)
