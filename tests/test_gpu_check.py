@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-# About 20 s on two shared cores (a subprocess: torch and transformers imports, 6 tiny variants).
+# About 20 s on two cores (a subprocess: torch and transformers imports, 6 tiny variants): make test-slow.
+@pytest.mark.slow
 def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     output = tmp_path / "gpu_check_cpu_smoke.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
