@@ -1,0 +1,174 @@
+"""The fused LM head + cross entropy equals the plain PyTorch computation (``F.linear``, then
+``F.cross_entropy`` on fp32 logits) in losses and in the gradients of hidden and weight: at TP=1,
+and at TP=2 (vocabulary-parallel, behind f or the sequence-parallel gather)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from launch import run_ranks
+from megatron.model.kernels.linear_cross_entropy import fused_linear_cross_entropy, reference_linear_cross_entropy
+
+N, H, V = 37, 24, 250  # 37 tokens: no chunk size below divides it; V / 2 = 125 columns per TP rank
+BF16_ULP = 2.0**-8
+
+
+def make_inputs(dtype: torch.dtype, seed: int = 0):
+    """hidden [N, H], weight [V, H], labels [N] hitting both halves of the vocabulary, loss weights [N]."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=gen).to(dtype)
+    weight = (torch.randn(V, H, generator=gen) / 2).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=gen)
+    labels[:2] = torch.tensor([3, V - 1])
+    assert (labels < V // 2).any() and (labels >= V // 2).any()
+    return hidden, weight, labels, torch.rand(N, generator=gen)
+
+
+def plain(hidden, weight, labels, loss_weights):
+    """Losses and gradients by plain PyTorch autograd: logits in the input dtype, loss in fp32."""
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    losses = F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="none")
+    (losses * loss_weights).sum().backward()
+    return losses.detach(), hidden.grad, weight.grad
+
+
+def run(fn, hidden, weight, labels, loss_weights, **kwargs):
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    losses = fn(hidden, weight, labels, **kwargs)
+    (losses * loss_weights).sum().backward()
+    return losses.detach(), hidden.grad, weight.grad
+
+
+def rel_max(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest difference relative to the largest expected magnitude."""
+    return ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 16, N, 100, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_matches_plain_pytorch(dtype, chunk_tokens):
+    inputs = make_inputs(dtype)
+    expected = plain(*inputs)
+    losses, grad_hidden, grad_weight = run(fused_linear_cross_entropy, *inputs, chunk_tokens=chunk_tokens)
+    assert losses.dtype == torch.float32 and grad_hidden.dtype == grad_weight.dtype == dtype
+    assert rel_max(losses, expected[0]) <= 1e-6  # fp32 from the same logits in both dtypes
+    if dtype == torch.float32:
+        assert rel_max(grad_hidden, expected[1]) <= 1e-5
+        assert rel_max(grad_weight, expected[2]) <= 1e-5
+    else:
+        # grad_hidden: the same bf16 roundings; grad_weight: summed over chunks in bf16, one
+        # rounding per chunk instead of one in all (a few ulps of the largest entry).
+        assert rel_max(grad_hidden, expected[1]) <= BF16_ULP
+        assert rel_max(grad_weight, expected[2]) <= 4 * BF16_ULP
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_is_the_plain_computation(dtype):
+    inputs = make_inputs(dtype)
+    for got, expected in zip(run(reference_linear_cross_entropy, *inputs), plain(*inputs)):
+        assert torch.equal(got, expected)
+
+
+def test_autocast_casts_like_f_linear():
+    hidden, weight, labels, loss_weights = make_inputs(torch.float32)
+    results = []
+    for fn in (reference_linear_cross_entropy, fused_linear_cross_entropy):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(run(fn, hidden, weight, labels, loss_weights))
+    (ref_loss, ref_hidden, ref_weight), (loss, grad_hidden, grad_weight) = results
+    assert grad_hidden.dtype == grad_weight.dtype == torch.float32  # through the casts to the fp32 leaves
+    assert rel_max(loss, ref_loss) <= 1e-6
+    assert rel_max(grad_hidden, ref_hidden) <= BF16_ULP
+    assert rel_max(grad_weight, ref_weight) <= 4 * BF16_ULP
+
+
+class NewTensorShapes(TorchDispatchMode):
+    """Records the shape of every tensor an op returns in new memory (not a view or an in-place
+    result: those share a storage with an input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def test_no_tensor_larger_than_one_chunk_of_logits():
+    hidden, weight, labels, loss_weights = make_inputs(torch.float32)
+    hidden.requires_grad_(), weight.requires_grad_()
+    with NewTensorShapes() as mode:
+        (fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens=5) * loss_weights).sum().backward()
+    made = {shape: torch.Size(shape).numel() for shape in mode.shapes if shape != (V, H)}  # but the weight's gradient
+    assert max(made.values()) == 5 * V and made[(5, V)]  # one chunk of logits, never [N, V]
+
+
+@pytest.mark.parametrize("fn", [fused_linear_cross_entropy, reference_linear_cross_entropy])
+def test_bad_shapes_name_the_argument(fn):
+    hidden, weight, labels, _ = make_inputs(torch.float32)
+    with pytest.raises(ValueError, match="flatten batch and sequence"):
+        fn(hidden[None], weight, labels)
+    with pytest.raises(ValueError, match=r"labels must be \[tokens\] = \[37\]"):
+        fn(hidden, weight, labels[1:])
+    with pytest.raises(ValueError, match="chunk_tokens must be a positive"):
+        fn(hidden, weight, labels, chunk_tokens=0)
+
+
+def tp2_worker(rank: int) -> dict:
+    """Each rank holds half the vocabulary; hidden comes in through f (or the sequence gather)."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
+
+    dist.init_process_group("gloo")
+    group = dist.new_group([0, 1])
+    rows = slice(rank * V // 2, (rank + 1) * V // 2)
+    found = {}
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            hidden, weight, labels, loss_weights = make_inputs(dtype)
+            expected = plain(hidden, weight, labels, loss_weights)
+            for name, fn in (("fused", fused_linear_cross_entropy), ("reference", reference_linear_cross_entropy)):
+                x, w = hidden.clone().requires_grad_(), weight[rows].clone().requires_grad_()
+                losses = fn(copy_to_tensor_model_parallel_region(x, group), w, labels, group, chunk_tokens=5)
+                (losses * loss_weights).sum().backward()
+                found[f"{name} {dtype}"] = [rel_max(losses, expected[0]), rel_max(x.grad, expected[1]),
+                                            rel_max(w.grad, expected[2][rows])]
+            # Sequence parallel: this rank holds tokens [rank N/2, ...) of an even-length sequence.
+            tokens = slice(rank * (N - 1) // 2, (rank + 1) * (N - 1) // 2)
+            even = [t[: N - 1] for t in (hidden, labels, loss_weights)]
+            expected = plain(even[0], weight, even[1], even[2])
+            x, w = even[0][tokens].clone().requires_grad_(), weight[rows].clone().requires_grad_()
+            full = gather_from_sequence_parallel_region(x[None], group, tensor_parallel_output_grad=True)[0]
+            losses = fused_linear_cross_entropy(full, w, even[1], group, chunk_tokens=5)
+            (losses * even[2]).sum().backward()
+            found[f"sequence parallel {dtype}"] = [rel_max(losses, expected[0]), rel_max(x.grad, expected[1][tokens]),
+                                                   rel_max(w.grad, expected[2][rows])]
+    finally:
+        dist.destroy_process_group()
+    return found
+
+
+@pytest.fixture(scope="module")
+def tp2():
+    return run_ranks(tp2_worker, 2)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["fused", "reference", "sequence parallel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocab_parallel_matches_plain_pytorch(tp2, case, dtype):
+    # Gradients: fp32 tight; bf16 as at TP=1 (grad_hidden now sums two bf16 partials: 2 ulps).
+    tolerances = [1e-6, 1e-5, 1e-5] if dtype == torch.float32 else [1e-6, 2 * BF16_ULP, 4 * BF16_ULP]
+    for rank, found in enumerate(tp2):
+        diffs = found[f"{case} {dtype}"]
+        assert all(d <= tol for d, tol in zip(diffs, tolerances)), (rank, diffs)
