@@ -1,6 +1,6 @@
 """The fused LM head + cross entropy equals the plain PyTorch computation (``F.linear``, then
 ``F.cross_entropy`` on fp32 logits) in losses and in the gradients of hidden and weight: at TP=1,
-and at TP=2 (vocabulary-parallel, behind f or the sequence-parallel gather)."""
+at TP=2 (vocabulary-parallel, behind f or the sequence-parallel gather), and in the model."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from launch import run_ranks
+from megatron.config import ModelConfig
+from megatron.model.bloom import build_model
 from megatron.model.kernels.linear_cross_entropy import fused_linear_cross_entropy, reference_linear_cross_entropy
 
 N, H, V = 37, 24, 250  # 37 tokens: no chunk size below divides it; V / 2 = 125 columns per TP rank
@@ -172,3 +174,28 @@ def test_vocab_parallel_matches_plain_pytorch(tp2, case, dtype):
     for rank, found in enumerate(tp2):
         diffs = found[f"{case} {dtype}"]
         assert all(d <= tol for d, tol in zip(diffs, tolerances)), (rank, diffs)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_model_returns_the_masked_mean_loss_given_labels(fused):
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=250, seq_length=16,
+                      init_method_std=0.05, use_fused_kernels=fused)
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (3, cfg.seq_length + 1))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    loss_mask = (torch.rand(labels.shape) > 0.3).float()
+
+    logits = model(inputs)
+    assert logits.shape == (3, cfg.seq_length, cfg.padded_vocab_size())
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    ((losses * loss_mask.flatten()).sum() / loss_mask.sum()).backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    loss = model(inputs, labels=labels, loss_mask=loss_mask)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    loss.backward()
+    assert abs(loss.item() - (losses * loss_mask.flatten()).sum().item() / loss_mask.sum().item()) <= 1e-5
+    for name, param in model.named_parameters():
+        rel = (param.grad - expected[name]).norm() / expected[name].norm()
+        assert rel.item() <= 1e-5, f"{name}: relative gradient difference {rel.item():.2e}"

@@ -1,7 +1,8 @@
 """The BLOOM decoder, shaped like Megatron-DeepSpeed's layers and tensor-parallel throughout.
 
     tokens -> word embedding -> embedding LayerNorm -> N x [pre-LN ALiBi attention, pre-LN GeLU MLP]
-           -> final LayerNorm -> logits through the (tied) embedding matrix
+           -> final LayerNorm -> logits through the (tied) embedding matrix, or given labels the
+              loss, through the fused LM head + cross entropy that never forms the logits
 
 Module and parameter names are Megatron-DeepSpeed's (``word_embeddings.norm``,
 ``self_attention.query_key_value``, ``mlp.dense_h_to_4h``...), so each module is one pipeline
@@ -47,6 +48,7 @@ from megatron.core.tensor_parallel import (
 )
 from megatron.model.alibi import alibi_slopes_for_rank
 from megatron.model.kernels import get_kernel
+from megatron.model.kernels.linear_cross_entropy import fused_linear_cross_entropy, reference_linear_cross_entropy
 from megatron.model.layout import EMBEDDING_INDEX, block_index
 
 
@@ -189,22 +191,41 @@ class BloomBlock(nn.Module):
         return hidden + self._dropout(mlp)
 
 
-def lm_head_logits(hidden: torch.Tensor, embedding: StableEmbedding) -> torch.Tensor:
-    """Logits through the tied embedding: this rank's vocabulary slice when tensor-parallel.
+def lm_head_input(hidden: torch.Tensor, embedding: StableEmbedding) -> torch.Tensor:
+    """The LM head's input, brought into the tensor-parallel region.
 
     The hidden state is duplicated across TP (or split over the sequence), while the matrix is
     split over the vocabulary, so f (or a sequence all-gather) brings the input in and makes
-    the backward sum the partial input gradients of every vocabulary slice.
+    the backward sum (all-reduce, or reduce-scatter) the partial input gradients of every
+    vocabulary slice.
     """
     if embedding.sequence_parallel:
-        hidden = gather_from_sequence_parallel_region(hidden, embedding.tp_group, tensor_parallel_output_grad=True)
-    else:
-        hidden = copy_to_tensor_model_parallel_region(hidden, embedding.tp_group)
-    return F.linear(hidden, embedding.weight)
+        return gather_from_sequence_parallel_region(hidden, embedding.tp_group, tensor_parallel_output_grad=True)
+    return copy_to_tensor_model_parallel_region(hidden, embedding.tp_group)
+
+
+def lm_head_logits(hidden: torch.Tensor, embedding: StableEmbedding) -> torch.Tensor:
+    """Logits through the tied embedding: this rank's vocabulary slice when tensor-parallel
+    (collectives: those of :func:`lm_head_input`)."""
+    return F.linear(lm_head_input(hidden, embedding), embedding.weight)
+
+
+def lm_head_loss(hidden: torch.Tensor, embedding: StableEmbedding, labels: torch.Tensor,
+                 loss_mask: Optional[torch.Tensor] = None, fused: bool = True) -> torch.Tensor:
+    """:func:`language_model_loss` of :func:`lm_head_logits`, with ``fused`` never forming the logits.
+
+    Collectives: those of :func:`lm_head_input`, then, with TP, the three [tokens] all-reduces
+    of the vocabulary-parallel cross entropy (megatron/model/kernels/linear_cross_entropy.py).
+    """
+    head = fused_linear_cross_entropy if fused else reference_linear_cross_entropy
+    losses = head(lm_head_input(hidden, embedding).flatten(0, 1), embedding.weight, labels.flatten(),
+                  embedding.tp_group)
+    return masked_mean(losses, loss_mask)
 
 
 class BloomForCausalLM(nn.Module):
-    """The whole model on one pipeline stage: ``forward(input_ids) -> logits [b, s, vocab(/TP)]``."""
+    """The whole model on one pipeline stage: ``forward(input_ids) -> logits [b, s, vocab(/TP)]``,
+    or ``forward(input_ids, labels, loss_mask) -> mean loss`` (see :meth:`forward`)."""
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: Optional[int] = None, tp_group=None,
                  sequence_parallel: bool = False, seed: int = 0, checkpoint_num_layers: int = 0,
@@ -220,10 +241,17 @@ class BloomForCausalLM(nn.Module):
                                                          sequence_parallel)
         self.checkpoint_num_layers = checkpoint_num_layers  # 0: no activation recompute
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits without ``labels``; with them, :func:`language_model_loss`'s mean loss over the
+        ``loss_mask`` positions, computed by the fused LM head + cross entropy when
+        ``cfg.use_fused_kernels`` (no [tokens, vocab] logits), else by the plain one."""
         hidden = self.embedding(input_ids)
         hidden = run_blocks(self.layers, hidden, self.checkpoint_num_layers if self.training else 0, self.rng_tracker)
-        return lm_head_logits(self.final_layernorm(hidden), self.embedding.word_embeddings)
+        hidden = self.final_layernorm(hidden)
+        if labels is None:
+            return lm_head_logits(hidden, self.embedding.word_embeddings)
+        return lm_head_loss(hidden, self.embedding.word_embeddings, labels, loss_mask, self.cfg.use_fused_kernels)
 
     @torch.no_grad()
     def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int,
@@ -270,6 +298,11 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: O
         losses = vocab_parallel_cross_entropy(flat_logits, flat_labels, tp_group)
     else:
         losses = get_kernel("cross_entropy", fused)(flat_logits, flat_labels)
+    return masked_mean(losses, loss_mask)
+
+
+def masked_mean(losses: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of per-token ``losses`` over the positions where ``loss_mask`` is 1 (all without one)."""
     if loss_mask is None:
         return losses.mean()
     mask = loss_mask.flatten().float()
