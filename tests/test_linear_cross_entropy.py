@@ -15,6 +15,7 @@ from launch import run_ranks
 from megatron.config import ModelConfig
 from megatron.model.bloom import build_model
 from megatron.model.kernels.linear_cross_entropy import fused_linear_cross_entropy, reference_linear_cross_entropy
+from megatron.utils.live_memory import LiveStorageBytes
 
 N, H, V = 37, 24, 250  # 37 tokens: no chunk size below divides it; V / 2 = 125 columns per TP rank
 BF16_ULP = 2.0**-8
@@ -114,6 +115,37 @@ def test_no_tensor_larger_than_one_chunk_of_logits():
         (fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens=5) * loss_weights).sum().backward()
     made = {shape: torch.Size(shape).numel() for shape in mode.shapes if shape != (V, H)}  # but the weight's gradient
     assert max(made.values()) == 5 * V and made[(5, V)]  # one chunk of logits, never [N, V]
+
+
+def test_live_memory_tracker_counts_what_only_autograd_holds():
+    x = torch.ones(1000, requires_grad=True)  # made before the tracker: not counted
+    with LiveStorageBytes() as tracker:
+        y = x.exp()  # 4,000 bytes, saved by exp's backward
+        loss = y.sum()  # 4 bytes
+        del y  # the graph still holds it
+        z = torch.empty(2000)  # 8,000 bytes: the peak is reached here
+        del z, loss  # frees the graph, hence y
+        torch.empty(1000)  # 4,000 bytes alone
+    assert tracker.peak() == 4000 + 4 + 8000
+    assert sum(delta for _, delta in tracker.events) == 0  # everything made inside was released
+
+
+def test_fused_peak_memory_is_one_chunk_of_logits():
+    tokens, vocab, chunk = 64, 4096, 8
+    hidden = torch.randn(tokens, H, requires_grad=True)
+    weight = (torch.randn(vocab, H) / 4).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,))
+    peaks = {}
+    for fn in (fused_linear_cross_entropy, reference_linear_cross_entropy):
+        hidden.grad = weight.grad = None
+        with LiveStorageBytes() as tracker:
+            fn(hidden, weight, labels, chunk_tokens=chunk).mean().backward()
+        peaks[fn] = tracker.peak(exclude=[tracker.allocation_of(weight.grad)])  # as the weight: not the head's cost
+    chunk_bytes, logits_bytes = chunk * vocab * 4, tokens * vocab * 4
+    # One fp32 chunk of logits, the gradient of hidden and a few numbers per token.
+    assert chunk_bytes <= peaks[fused_linear_cross_entropy] <= chunk_bytes + tokens * H * 4 + 64 * tokens
+    # The plain path: logits, log-softmax and their gradients, three [tokens, vocab] at once.
+    assert peaks[reference_linear_cross_entropy] >= 3 * logits_bytes
 
 
 @pytest.mark.parametrize("fn", [fused_linear_cross_entropy, reference_linear_cross_entropy])

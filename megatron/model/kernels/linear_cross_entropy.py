@@ -72,6 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             max_logit[rows] = logits.amax(dim=-1)
             label_logit[rows] = logits.gather(1, local_labels[rows, None]).squeeze(1)
             sum_exp[rows] = logits.sub_(max_logit[rows, None]).exp_().sum(dim=-1)
+            del logits  # else the next chunk's product is made while this one is still held
         label_logit.masked_fill_(outside, 0.0)
         if group_size(group) > 1:
             global_max = all_reduce_(max_logit.clone(), group, dist.ReduceOp.MAX)
@@ -99,6 +100,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[rows] = grad_logits @ weight
             if want_weight:
                 grad_weight.addmm_(grad_logits.t(), hidden[rows])
+            del probs, grad_logits  # as in the forward: one chunk alive at a time
         return grad_hidden, grad_weight, None, None, None
 
 
