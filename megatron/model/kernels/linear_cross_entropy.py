@@ -11,10 +11,11 @@ reduced to per-token statistics and dropped:
     backward  recompute z, p = softmax(z) - one_hot(label)        (one fp32 chunk)
               grad_hidden[chunk] = p @ W,  grad_W += p^T @ hidden[chunk]
 
-so the memory beyond the inputs is one chunk of fp32 logits plus O(tokens) numbers. The price
-is a second product in the backward (4 instead of 3 of the head's matmuls) and reading W once
-per chunk, in each pass, instead of once: bigger chunks mean fewer passes over W, hence the
-chunk is sized by bytes (``_CHUNK_BYTES`` of fp32 logits), not by a fixed token count.
+so the memory beyond the inputs is one chunk of fp32 logits (and its bf16 copy for bf16 inputs)
+plus O(tokens) numbers. The price is a second product in the backward (4 instead of 3 of the
+head's matmuls) and reading W once per chunk, in each pass, instead of once: bigger chunks mean
+fewer passes over W, hence the chunk is sized by bytes (``_CHUNK_BYTES`` of fp32 logits), not
+by a fixed token count.
 
 ``grad_W`` is accumulated chunk by chunk in the weight's dtype, so in bf16 it is rounded once
 per chunk rather than once (an fp32 accumulator would cost twice the bf16 weight, more than the
@@ -45,7 +46,7 @@ from megatron.model.kernels.cross_entropy import reference_cross_entropy
 
 ProcessGroup = Any
 
-# fp32 logits per chunk: 64 MB is 66 tokens at BLOOM's 250,880 columns (264 at TP=4). Small
+# fp32 logits per chunk: 64 MB is 66 tokens at BLOOM's 250,880 columns (267 at TP=4). Small
 # enough not to matter next to the weight, large enough that re-reading W per chunk stays cheap.
 _CHUNK_BYTES = 64 << 20
 
