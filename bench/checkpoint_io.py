@@ -117,7 +117,7 @@ def measure(bf16: bool, repeats: int) -> dict:
     data = build_training_data(cfg, parallel)
     engine = build(cfg, parallel, info)
     params = count_parameters(engine.module)["total"]
-    EngineSteps(engine, parallel, info.device, True).train(iter(data.train_loader(0)))  # Adam state exists
+    EngineSteps(engine, parallel, info.device).train(iter(data.train_loader(0)))  # Adam state exists
     checkpointer = Checkpointer(cfg, parallel, tracker)
     store = CheckpointStore(cfg.checkpoint.save)
     Path(cfg.checkpoint.save).mkdir(parents=True)

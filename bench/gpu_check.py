@@ -148,10 +148,12 @@ def _attention_inputs(gen, device, dtype, small: bool, cfg: ModelConfig) -> list
 
 
 def _cross_entropy_inputs(gen, device, dtype, small: bool, cfg: ModelConfig) -> list:
-    # Full size: the model's vocabulary, rows not a multiple of the chunk (ragged last chunk).
-    rows, vocab = (37, 300) if small else (100, cfg.padded_vocab_size())
+    # The LM head + loss: (hidden, weight, labels, tp_group). Full size: the model's vocabulary and
+    # hidden size, rows not a multiple of the fused kernel's token chunk (ragged last chunk).
+    rows, vocab, hidden = (37, 300, 16) if small else (100, cfg.padded_vocab_size(), cfg.hidden_size)
     labels = torch.randint(0, vocab, (rows,), generator=gen).to(device)
-    return [_randn(gen, (rows, vocab), device, dtype, scale=3.0), labels]
+    return [_randn(gen, (rows, hidden), device, dtype), _randn(gen, (vocab, hidden), device, dtype, scale=0.2),
+            labels, None]
 
 
 def _bias_gelu_inputs(gen, device, dtype, small: bool, cfg: ModelConfig) -> list:
@@ -290,11 +292,10 @@ class MasterWeightAdamW:
 
 @dataclasses.dataclass
 class Runner:
-    """One model ready to train: ``forward(ids) -> logits``, its loss, optimizer and recompute switch."""
+    """One model ready to train: ``loss(tokens [b, s + 1])``, optimizer and recompute switch."""
 
     model: torch.nn.Module
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss: Callable[[torch.Tensor], torch.Tensor]
     set_recompute: Callable[[bool], None]
     optimizer: MasterWeightAdamW
     description: dict[str, Any]
@@ -321,17 +322,6 @@ def resolve_kernels(cfg: ModelConfig, device_type: str, spec: str) -> Kernels:
     return kernels
 
 
-def _loss_for(kernels: Kernels) -> tuple[Callable, str]:
-    """The loss of a step with these kernels, and its description."""
-    name = kernels.cross_entropy.name
-    if name in ("chunked", "reference"):
-        fused = name == "chunked"
-        return (lambda logits, labels: language_model_loss(logits, labels, fused=fused)), \
-            f"language_model_loss(fused={fused})"
-    fn = kernels.cross_entropy.fn  # an implementation language_model_loss does not name: called directly
-    return (lambda logits, labels: fn(logits.flatten(0, 1), labels.flatten()).mean()), f"{name}(...).mean()"
-
-
 def build_ours(cfg, device: torch.device, dtype: torch.dtype, spec: str, fused_adam: bool) -> Runner:
     kernels = resolve_kernels(cfg.model, device.type, spec)
     model = build_model(cfg.model, cfg.model.padded_vocab_size(), device=device, seed=cfg.training.seed,
@@ -342,13 +332,14 @@ def build_ours(cfg, device: torch.device, dtype: torch.dtype, spec: str, fused_a
         # What build_model(..., checkpoint_num_layers=1) stores: toggled here instead of rebuilding.
         model.checkpoint_num_layers = 1 if on else 0
 
-    loss, loss_name = _loss_for(kernels)
-    return Runner(model, model, loss, set_recompute, MasterWeightAdamW(model, cfg.optimizer, fused_adam,
-                                                                       cfg.optimizer.clip_grad),
+    # The model's own loss path: the registry's LM head + loss (fused_linear forms no logits).
+    optimizer = MasterWeightAdamW(model, cfg.optimizer, fused_adam, cfg.optimizer.clip_grad)
+    return Runner(model, lambda tokens: model(tokens[:, :-1], labels=tokens[:, 1:]), set_recompute, optimizer,
                   {"kernels": {f.name: {"implementation": getattr(kernels, f.name).name,
                                         "reason": getattr(kernels, f.name).reason}
                                for f in dataclasses.fields(kernels)},
-                   "loss": loss_name, "parameters": sum(p.numel() for p in model.parameters())})
+                   "loss": f"model(ids, labels): cross_entropy={kernels.cross_entropy.name}",
+                   "parameters": sum(p.numel() for p in model.parameters())})
 
 
 def build_transformers(cfg, device: torch.device, dtype: torch.dtype, fused_adam: bool) -> Runner:
@@ -379,8 +370,9 @@ def build_transformers(cfg, device: torch.device, dtype: torch.dtype, fused_adam
             model.gradient_checkpointing_disable()
 
     # transformers' recipe for the loss: logits upcast to fp32, then cross entropy (our reference).
-    return Runner(model, lambda ids: model(input_ids=ids).logits,
-                  lambda logits, labels: language_model_loss(logits, labels, fused=False), set_recompute,
+    return Runner(model,
+                  lambda tokens: language_model_loss(model(input_ids=tokens[:, :-1]).logits, tokens[:, 1:],
+                                                     fused=False), set_recompute,
                   MasterWeightAdamW(model, cfg.optimizer, fused_adam, cfg.optimizer.clip_grad),
                   {"transformers": __import__("transformers").__version__,
                    "parameters": sum(p.numel() for p in model.parameters()),
@@ -400,7 +392,7 @@ def _free(device: torch.device) -> None:
 
 def train_step(runner: Runner, tokens: torch.Tensor) -> torch.Tensor:
     """Forward, loss, backward and optimizer step on ``tokens`` [b, s + 1]; the detached loss."""
-    loss = runner.loss(runner.forward(tokens[:, :-1]), tokens[:, 1:])
+    loss = runner.loss(tokens)
     loss.backward()
     runner.optimizer.step()
     runner.optimizer.zero_grad()

@@ -10,12 +10,12 @@ from megatron.config import ModelConfig
 from megatron.model.alibi import alibi_slopes
 from megatron.model.kernels import cross_entropy, elementwise, implementation, kernel_names, select_kernels
 
-FUSED = {"attention": "sdpa_mask", "cross_entropy": "chunked"}
-
 
 def get_kernel(name: str, fused: bool = True):
-    """The default fused implementation of ``name`` on CPU, or its reference."""
-    return implementation(name, FUSED[name] if fused else "reference")
+    """The fused implementation of ``name`` (attention, or cross entropy from logits), or its reference."""
+    if name == "cross_entropy":
+        return cross_entropy.fused_cross_entropy if fused else cross_entropy.reference_cross_entropy
+    return implementation(name, "sdpa_mask" if fused else "reference")
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
@@ -106,9 +106,11 @@ def test_bias_dropout_add_matches_reference():
 def test_selection_follows_the_config_and_refuses_what_cannot_run():
     cpu = select_kernels(ModelConfig(), "cpu")
     assert (cpu.attention.name, cpu.cross_entropy.name) == ("sdpa_mask", "chunked")
+    assert "no recompute on cpu" in cpu.cross_entropy.reason
     assert cpu.bias_gelu.name == "reference" and "matmul-bound" in cpu.bias_gelu.reason
     cuda = select_kernels(ModelConfig(), "cuda")
-    assert (cuda.bias_gelu.name, cuda.bias_dropout_add.name) == ("fused", "fused")
+    assert (cuda.bias_gelu.name, cuda.bias_dropout_add.name, cuda.cross_entropy.name) == ("fused", "fused",
+                                                                                          "fused_linear")
     off = select_kernels(ModelConfig(bias_gelu_fusion=False, masked_softmax_fusion=False), "cuda")
     assert (off.bias_gelu.name, off.attention.name) == ("reference", "reference")
     assert "model.bias_gelu_fusion=false" in off.describe()

@@ -102,7 +102,7 @@ def train_losses(run_dir) -> list[float]:
 
 
 def poisoned_worker(rank: int, body: dict, poison_calls: list[int]) -> dict:
-    """Train with NaN injected into the logits of the given forward calls (micro-batches)."""
+    """Train with NaN injected into the output (loss) of the given forward calls (micro-batches)."""
     import megatron.training.trainer as trainer_module
     from megatron.config import config_from_dict
     from megatron.model import bloom
@@ -111,13 +111,13 @@ def poisoned_worker(rank: int, body: dict, poison_calls: list[int]) -> dict:
     calls = {"n": 0}
     original = bloom.BloomForCausalLM.forward
 
-    def forward(self, input_ids):
-        logits = original(self, input_ids)
+    def forward(self, input_ids, *args, **kwargs):
+        out = original(self, input_ids, *args, **kwargs)  # the loss when given labels, else the logits
         if self.training:
             calls["n"] += 1
             if calls["n"] in poison_calls:
-                logits = logits * float("nan")
-        return logits
+                out = out * float("nan")
+        return out
 
     bloom.BloomForCausalLM.forward = forward
     try:

@@ -1,7 +1,8 @@
 """The BLOOM decoder, shaped like Megatron-DeepSpeed's layers and tensor-parallel throughout.
 
     tokens -> word embedding -> embedding LayerNorm -> N x [pre-LN ALiBi attention, pre-LN GeLU MLP]
-           -> final LayerNorm -> logits through the (tied) embedding matrix
+           -> final LayerNorm -> logits through the (tied) embedding matrix, or given labels the
+              loss, through the fused LM head + cross entropy that never forms the logits
 
 Module and parameter names are Megatron-DeepSpeed's (``word_embeddings.norm``,
 ``self_attention.query_key_value``, ``mlp.dense_h_to_4h``...), so each module is one pipeline
@@ -25,7 +26,7 @@ the copies stay equal). Activation recompute replays the tracker's draws too.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,8 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from megatron.model.alibi import alibi_slopes_for_rank
-from megatron.model.kernels import Kernels, implementation, select_kernels
+from megatron.model.kernels import Kernels, select_kernels
+from megatron.model.kernels.cross_entropy import fused_cross_entropy, reference_cross_entropy
 from megatron.model.layout import EMBEDDING_INDEX, block_index
 
 
@@ -208,22 +210,41 @@ class BloomBlock(nn.Module):
         return self._residual(self.mlp(self.post_attention_layernorm(hidden)), hidden)
 
 
-def lm_head_logits(hidden: torch.Tensor, embedding: StableEmbedding) -> torch.Tensor:
-    """Logits through the tied embedding: this rank's vocabulary slice when tensor-parallel.
+def lm_head_input(hidden: torch.Tensor, embedding: StableEmbedding) -> torch.Tensor:
+    """The LM head's input, brought into the tensor-parallel region.
 
     The hidden state is duplicated across TP (or split over the sequence), while the matrix is
     split over the vocabulary, so f (or a sequence all-gather) brings the input in and makes
-    the backward sum the partial input gradients of every vocabulary slice.
+    the backward sum (all-reduce, or reduce-scatter) the partial input gradients of every
+    vocabulary slice.
     """
     if embedding.sequence_parallel:
-        hidden = gather_from_sequence_parallel_region(hidden, embedding.tp_group, tensor_parallel_output_grad=True)
-    else:
-        hidden = copy_to_tensor_model_parallel_region(hidden, embedding.tp_group)
-    return F.linear(hidden, embedding.weight)
+        return gather_from_sequence_parallel_region(hidden, embedding.tp_group, tensor_parallel_output_grad=True)
+    return copy_to_tensor_model_parallel_region(hidden, embedding.tp_group)
+
+
+def lm_head_logits(hidden: torch.Tensor, embedding: StableEmbedding) -> torch.Tensor:
+    """Logits through the tied embedding: this rank's vocabulary slice when tensor-parallel
+    (collectives: those of :func:`lm_head_input`)."""
+    return F.linear(lm_head_input(hidden, embedding), embedding.weight)
+
+
+def lm_head_loss(hidden: torch.Tensor, embedding: StableEmbedding, labels: torch.Tensor, head: Callable,
+                 loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`language_model_loss` of :func:`lm_head_logits`, through ``head``, the registry's
+    ``cross_entropy`` implementation (``fused_linear`` never forms the logits).
+
+    Collectives: those of :func:`lm_head_input`, then, with TP, the three [tokens] all-reduces
+    of the vocabulary-parallel cross entropy (megatron/model/kernels/linear_cross_entropy.py).
+    """
+    losses = head(lm_head_input(hidden, embedding).flatten(0, 1), embedding.weight, labels.flatten(),
+                  embedding.tp_group)
+    return masked_mean(losses, loss_mask)
 
 
 class BloomForCausalLM(nn.Module):
-    """The whole model on one pipeline stage: ``forward(input_ids) -> logits [b, s, vocab(/TP)]``."""
+    """The whole model on one pipeline stage: ``forward(input_ids) -> logits [b, s, vocab(/TP)]``,
+    or ``forward(input_ids, labels, loss_mask) -> mean loss`` (see :meth:`forward`)."""
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: Optional[int] = None, tp_group=None,
                  sequence_parallel: bool = False, seed: int = 0, checkpoint_num_layers: int = 0,
@@ -239,11 +260,19 @@ class BloomForCausalLM(nn.Module):
         self.final_layernorm = SequenceParallelLayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, tp_group,
                                                          sequence_parallel)
         self.checkpoint_num_layers = checkpoint_num_layers  # 0: no activation recompute
+        self.head_loss = kernels.cross_entropy.fn
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits without ``labels``; with them, :func:`language_model_loss`'s mean loss over the
+        ``loss_mask`` positions, through the registry's LM head + loss (``fused_linear`` forms no
+        [tokens, vocab] logits)."""
         hidden = self.embedding(input_ids)
         hidden = run_blocks(self.layers, hidden, self.checkpoint_num_layers if self.training else 0, self.rng_tracker)
-        return lm_head_logits(self.final_layernorm(hidden), self.embedding.word_embeddings)
+        hidden = self.final_layernorm(hidden)
+        if labels is None:
+            return lm_head_logits(hidden, self.embedding.word_embeddings)
+        return lm_head_loss(hidden, self.embedding.word_embeddings, labels, self.head_loss, loss_mask)
 
     @torch.no_grad()
     def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int,
@@ -289,7 +318,12 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: O
     if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
         losses = vocab_parallel_cross_entropy(flat_logits, flat_labels, tp_group)
     else:
-        losses = implementation("cross_entropy", "chunked" if fused else "reference")(flat_logits, flat_labels)
+        losses = (fused_cross_entropy if fused else reference_cross_entropy)(flat_logits, flat_labels)
+    return masked_mean(losses, loss_mask)
+
+
+def masked_mean(losses: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of per-token ``losses`` over the positions where ``loss_mask`` is 1 (all without one)."""
     if loss_mask is None:
         return losses.mean()
     mask = loss_mask.flatten().float()

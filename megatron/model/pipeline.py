@@ -86,7 +86,9 @@ def build_pipeline_model(cfg: Config, parallel, seed: int, rng_tracker=None, ker
 
     t = cfg.training
     tp_group = parallel.tp_group_or_none
-    fused = cfg.model.use_fused_kernels
+    # The last stage forms the logits (its layer returns them to DeepSpeed's loss_fn), so the
+    # loss runs from logits: the chunked cross entropy unless the switches ask for the reference.
+    fused = cfg.model.use_fused_kernels and cfg.model.cross_entropy_loss_fusion
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return language_model_loss(logits, labels, fused=fused, tp_group=tp_group)

@@ -1,10 +1,12 @@
 """How one training or evaluation batch runs through the engine: two kinds of engine, one interface.
 
-``EngineSteps`` drives a plain DeepSpeed engine (no pipeline): forward, loss, ``backward`` and
-``step`` per micro-batch; DeepSpeed accumulates gradients and applies the update at the
-accumulation boundary. ``PipelineSteps`` hands the micro-batches to DeepSpeed's pipeline
-engine, whose ``train_batch`` runs the 1F1B schedule over all of them and returns the loss
-averaged over micro-batches and data-parallel ranks on every stage.
+``EngineSteps`` drives a plain DeepSpeed engine (no pipeline): forward with the labels, which
+returns the loss (through the LM head + loss the kernel registry chose for the model: on CUDA
+without forming the logits), ``backward`` and ``step`` per micro-batch; DeepSpeed accumulates gradients and applies the
+update at the accumulation boundary. ``PipelineSteps`` hands the micro-batches to DeepSpeed's
+pipeline engine, whose ``train_batch`` runs the 1F1B schedule over all of them and returns the
+loss averaged over micro-batches and data-parallel ranks on every stage. Its last stage still
+forms the logits: the loss is the ``PipelineModule``'s ``loss_fn`` of the last layer's output.
 
 Both return the mean loss over the global batch as seen by this rank's data-parallel group.
 """
@@ -17,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from megatron.core.parallel_state import ParallelState
-from megatron.model.bloom import language_model_loss
 
 if TYPE_CHECKING:  # deepspeed is imported where an engine is built, not when this module loads
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -32,14 +33,12 @@ def _split(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.
 class EngineSteps:
     """Micro-batch loop over a non-pipeline engine (TP through the model's layers, DP/ZeRO by DeepSpeed)."""
 
-    def __init__(self, engine: DeepSpeedEngine, parallel: ParallelState, device: torch.device, fused_kernels: bool):
+    def __init__(self, engine: DeepSpeedEngine, parallel: ParallelState, device: torch.device):
         self.engine, self.parallel, self.device = engine, parallel, device
-        self.tp_group = parallel.tp_group_or_none
-        self.fused = fused_kernels
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens, labels = _split(batch, self.device)
-        return language_model_loss(self.engine(tokens), labels, fused=self.fused, tp_group=self.tp_group)
+        return self.engine(tokens, labels=labels)
 
     def train(self, batches: Iterator[dict[str, torch.Tensor]]) -> float:
         """One global batch: ``gradient_accumulation_steps`` micro-batches, then the update."""
@@ -68,7 +67,7 @@ class EngineSteps:
 class PipelineSteps:
     """Global batches through DeepSpeed's pipeline engine (1F1B over PP, TP inside the layers)."""
 
-    def __init__(self, engine: PipelineEngine, parallel: ParallelState, device: torch.device, fused_kernels: bool):
+    def __init__(self, engine: PipelineEngine, parallel: ParallelState, device: torch.device):
         self.engine, self.device = engine, device
 
     def _pairs(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

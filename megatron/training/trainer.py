@@ -110,7 +110,7 @@ class Trainer:
         same_directory = cfg.checkpoint.load == cfg.checkpoint.save
         self._saved_iteration: Optional[int] = self.state.iteration if loaded is not None and same_directory else None
         steps = PipelineSteps if parallel.pp_enabled else EngineSteps
-        self.steps = steps(self.engine, parallel, info.device, cfg.model.use_fused_kernels)
+        self.steps = steps(self.engine, parallel, info.device)
         self.rampup = BatchSizeRampup.from_config(cfg.training)
         self.train_samples = total_train_samples(cfg.training, self.rampup)
         self.total_iterations = total_train_iterations(cfg.training, self.rampup)

@@ -24,14 +24,20 @@ from megatron.core.tensor_parallel.mappings import group_rank, group_size
 ProcessGroup = Any
 
 
-def _all_reduce_(x: torch.Tensor, group: Optional[ProcessGroup], op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce_(x: torch.Tensor, group: Optional[ProcessGroup], op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce ``x`` over the TP group in place (the identity without TP) and return it.
+
+    Only for the per-token statistics of the loss (max, label logit, sum of exps), which are
+    fresh [tokens] tensors that nothing else holds, so reducing in place is safe.
+    """
     if group_size(group) > 1:
         dist.all_reduce(x, op=op, group=group)
     return x
 
 
-def _local_labels(labels: torch.Tensor, shard_vocab: int, group: Optional[ProcessGroup]):
-    """Labels relative to this rank's vocabulary slice, and a mask of those outside it."""
+def shard_labels(labels: torch.Tensor, shard_vocab: int, group: Optional[ProcessGroup]):
+    """Labels relative to this rank's vocabulary slice, and a mask of those outside it (no
+    communication: the slice is rows [rank x shard_vocab, (rank + 1) x shard_vocab))."""
     start = group_rank(group) * shard_vocab
     outside = (labels < start) | (labels >= start + shard_vocab)
     return (labels - start).masked_fill(outside, 0), outside
@@ -40,13 +46,13 @@ def _local_labels(labels: torch.Tensor, shard_vocab: int, group: Optional[Proces
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
-        local_labels, outside = _local_labels(labels, logits.shape[-1], group)
+        local_labels, outside = shard_labels(labels, logits.shape[-1], group)
         logits_fp32 = logits.float()
-        max_logit = _all_reduce_(logits_fp32.amax(dim=-1), group, dist.ReduceOp.MAX)
+        max_logit = all_reduce_(logits_fp32.amax(dim=-1), group, dist.ReduceOp.MAX)
         shifted = logits_fp32 - max_logit.unsqueeze(-1)
         label_logit = shifted.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        label_logit = _all_reduce_(label_logit, group)
-        sum_exp = _all_reduce_(shifted.exp_().sum(dim=-1), group)
+        label_logit = all_reduce_(label_logit, group)
+        sum_exp = all_reduce_(shifted.exp_().sum(dim=-1), group)
         log_sum_exp = sum_exp.log()
         # Keep the logits (in their own dtype) and one fp32 number per token rather than an fp32
         # softmax of the shard: half the memory in bf16; the backward recomputes one exp.

@@ -16,7 +16,10 @@ run is refused with the reason, as Megatron-DeepSpeed's
 Kernels and implementations:
     attention         reference (fp32 matmuls), sdpa_mask (SDPA with an explicit [heads, s, s]
                       ALiBi + causal mask)
-    cross_entropy     reference (fp32 copy of the logits), chunked (megatron/model/kernels/cross_entropy.py)
+    cross_entropy     the LM head and its loss, (hidden, weight, labels, tp_group) -> per-token losses:
+                      reference (logits, then an fp32 copy), chunked (logits, then a cross entropy
+                      without the copy), fused_linear (token chunks: no [tokens, vocab] logits, at
+                      the cost of recomputing them in the backward)
     bias_gelu         reference (add, then torch's gelu), fused (one region, analytic backward)
     bias_dropout_add  reference (three ops), fused (one region without dropout)
 
@@ -32,7 +35,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 from megatron.config import ModelConfig, OptimizerConfig
-from megatron.model.kernels import attention, cross_entropy, elementwise
+from megatron.model.kernels import attention, elementwise, linear_cross_entropy
 
 # A device the implementation cannot serve, with this model config: the reason, else None.
 Unavailable = Callable[[str, ModelConfig], Optional[str]]
@@ -56,8 +59,9 @@ IMPLEMENTATIONS: dict[str, dict[str, Implementation]] = {
         "sdpa_mask": Implementation(attention.fused_alibi_attention),
     },
     "cross_entropy": {
-        "reference": Implementation(cross_entropy.reference_cross_entropy),
-        "chunked": Implementation(cross_entropy.fused_cross_entropy),
+        "reference": Implementation(linear_cross_entropy.reference_linear_cross_entropy),
+        "chunked": Implementation(linear_cross_entropy.chunked_logits_cross_entropy),
+        "fused_linear": Implementation(linear_cross_entropy.fused_linear_cross_entropy),
     },
     "bias_gelu": {
         "reference": Implementation(elementwise.reference_bias_gelu),
@@ -107,6 +111,10 @@ def _choice(kernel: str, name: str, reason: str, device_type: str, cfg: ModelCon
     return KernelChoice(kernel, name, reason, implementation.fn)
 
 
+# Where the LM head + loss is worth fusing: it saves the logits' memory (82x at bloom-560m's
+# shape, bench/README.md) but recomputes the head matmul in the backward, about +12% of a CPU
+# step's matmuls at the bench's shape, where memory is plentiful and time is the matmuls.
+_FUSED_HEAD_DEVICES = ("cuda",)
 # Where each fused elementwise kernel is worth running. On CPU a step is matmul-bound (bench/README.md,
 # "One training step against transformers"), so torch's eager elementwise ops cost next to nothing
 # there, and compiling them would cost every run and test its compile time.
@@ -114,13 +122,17 @@ _ELEMENTWISE_DEVICES = ("cuda",)
 
 
 def _switch(kernel: str, enabled: bool, field: str, device_type: str, cfg: ModelConfig, fused: str,
-            devices: Optional[tuple[str, ...]] = None) -> KernelChoice:
+            devices: Optional[tuple[str, ...]] = None,
+            unfused: tuple[str, str] = ("reference", "eager")) -> KernelChoice:
+    """``fused`` when the switch is on (and, with ``devices``, on one of them), else the reference;
+    off ``devices``, ``unfused`` = (implementation, a word on why)."""
     if not cfg.use_fused_kernels:
         return _choice(kernel, "reference", "model.use_fused_kernels=false", device_type, cfg, field)
     if not enabled:
         return _choice(kernel, "reference", f"model.{field}=false", device_type, cfg, field)
     if devices is not None and device_type not in devices:
-        return _choice(kernel, "reference", f"eager on {device_type}: the step is matmul-bound there", device_type,
+        fallback, why = unfused
+        return _choice(kernel, fallback, f"{why} on {device_type}: the step is matmul-bound there", device_type,
                        cfg, field)
     return _choice(kernel, fused, f"model.{field}=true", device_type, cfg, field)
 
@@ -141,7 +153,8 @@ def select_kernels(cfg: ModelConfig, device_type: str) -> Kernels:
     return Kernels(
         attention=attention_choice,
         cross_entropy=_switch("cross_entropy", cfg.cross_entropy_loss_fusion, "cross_entropy_loss_fusion",
-                              device_type, cfg, "chunked"),
+                              device_type, cfg, "fused_linear", _FUSED_HEAD_DEVICES,
+                              ("chunked", "logits kept, no recompute")),
         bias_gelu=_switch("bias_gelu", cfg.bias_gelu_fusion, "bias_gelu_fusion", device_type, cfg, "fused",
                           _ELEMENTWISE_DEVICES),
         bias_dropout_add=_switch("bias_dropout_add", cfg.bias_dropout_fusion, "bias_dropout_fusion", device_type,
