@@ -55,6 +55,7 @@ def alibi_causal_bias_rows(slopes: torch.Tensor, query_start: int, query_end: in
     keys = torch.arange(query_end, device=device, dtype=torch.float32)
     queries = torch.arange(query_start, query_end, device=device, dtype=torch.float32)
     distance = keys[None, :] - queries[:, None]  # [query, key]
-    bias = slopes.float()[:, None, None] * distance[None]
-    causal = torch.ones(query_end - query_start, query_end, dtype=torch.bool, device=device).triu(query_start + 1)
-    return bias.masked_fill_(causal, float("-inf")).to(dtype)  # in place: one [heads, ...] buffer, not two
+    # Future keys get -inf before the per-head product: ALiBi slopes are positive, so slope x -inf
+    # stays -inf, and the mask costs one pass over [query, key] instead of one over every head.
+    distance.masked_fill_(distance > 0, float("-inf"))
+    return (slopes.float()[:, None, None] * distance[None]).to(dtype)
