@@ -23,6 +23,7 @@ from megatron.model.alibi import alibi_causal_bias, alibi_slopes, alibi_slopes_f
 from megatron.model.kernels.attention import (
     ATTENTION_IMPLEMENTATIONS,
     choose_attention,
+    chunked,
     flex,
     reference_alibi_attention,
     sdpa_chunked_attention,
@@ -39,6 +40,8 @@ TRAINABLE_ON_CPU = {
     "sdpa_chunked": sdpa_chunked_attention,  # one block at this length
     "sdpa_chunked, block 16": functools.partial(sdpa_chunked_attention, block=16),
     "sdpa_chunked, block 5": functools.partial(sdpa_chunked_attention, block=5),
+    # The path CUDA takes (and the CPU with dropout): SDPA per block under torch.utils.checkpoint.
+    "sdpa_chunked via checkpoint, block 16": functools.partial(sdpa_chunked_attention, block=16, path="checkpoint"),
 }
 
 
@@ -95,10 +98,10 @@ def test_causal_and_slope_form():
 
 
 def test_block_size_bounds_the_bias():
-    assert block_size(16, 512) == 512  # bloom-560m at 512 tokens: one block
-    assert block_size(16, 2048) == 256
-    assert block_size(28, 2048) == 128  # BLOOM-176B at TP4: 112 / 4 heads
-    for heads, seq in [(16, 1024), (16, 2048), (28, 2048), (8, 4096)]:
+    assert block_size(16, 1024) == 256  # bloom-560m
+    assert block_size(16, 2048) == 128
+    assert block_size(28, 2048) == 64  # BLOOM-176B at TP4: 112 / 4 heads
+    for heads, seq in [(16, 512), (16, 1024), (16, 2048), (28, 2048), (8, 4096)]:
         assert heads * block_size(heads, seq) * seq <= BIAS_BUDGET_ELEMENTS
 
 
@@ -116,7 +119,8 @@ def _peak_bytes(fn) -> int:
     return peak
 
 
-def test_chunked_peak_memory_stays_below_one_full_mask():
+@pytest.mark.parametrize("path", chunked.PATHS)
+def test_chunked_peak_memory_stays_below_one_full_mask(path):
     """Forward + backward never holds the [heads, s, s] bias, nor all blocks' biases at once
     (together half the full one); what it holds is grads and output (1.5 MiB here) and a block's
     bias (1 MiB)."""
@@ -130,7 +134,7 @@ def test_chunked_peak_memory_stays_below_one_full_mask():
         return _peak_bytes(lambda: fn(q, k, v, slopes).sum().backward())
 
     assert peak(sdpa_mask_attention) >= full_mask_bytes  # the tracker sees the mask
-    assert peak(functools.partial(sdpa_chunked_attention, block=32)) < full_mask_bytes / 4
+    assert peak(functools.partial(sdpa_chunked_attention, block=32, path=path)) < full_mask_bytes / 4
 
 
 DROPOUT_P = 0.3
@@ -259,3 +263,13 @@ def test_sdpa_mask_path_still_builds_the_full_mask_for_comparison():
     q, k, v = (t.detach() for t in _inputs(2, torch.float32))
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi_causal_bias(alibi_slopes(2), SEQ)[None])
     assert torch.equal(sdpa_mask_attention(q, k, v, alibi_slopes(2)), expected)
+
+
+def test_chunked_path_choice():
+    """CPU without dropout takes the flash-ops path (this torch has them); dropout the checkpoint one."""
+    assert chunked._CPU_FLASH is not None and chunked._CPU_FLASH_BACKWARD is not None
+    q, k, v = _inputs(2, torch.float32)
+    with pytest.raises(ValueError, match="path 'cpu_flash' needs CPU inputs, dropout 0"):
+        sdpa_chunked_attention(q, k, v, alibi_slopes(2), 0.1, path="cpu_flash")
+    with pytest.raises(ValueError, match="path must be one of"):
+        sdpa_chunked_attention(q, k, v, alibi_slopes(2), path="fast")

@@ -2,16 +2,19 @@
 
 For a block of queries ``[start, end)`` only keys ``[0, end)`` are visible (later keys are
 masked for all of them), so each block builds just its bias ``[heads, end - start, end]``
-(``alibi_causal_bias_rows``) and calls ``scaled_dot_product_attention`` on the block. That also
-skips the fully masked upper half of the score matrix, which the full-mask kernel computes and
-then throws away.
+(``alibi_causal_bias_rows``) and attends over those keys. That also skips the fully masked
+upper half of the score matrix, which the full-mask kernel computes and then throws away.
 
-Each block runs under ``torch.utils.checkpoint``: autograd would otherwise keep every block's
-bias for the backward, heads x s x s / 2 in all. The checkpoint keeps nothing of the block but
-its inputs (q, k, v and the slopes, alive anyway) and recomputes the block, bias included, when
-its backward runs, so one block's bias exists at a time. The recompute costs a block forward;
-the halved work pays for it (bench/README.md, "Attention memory: full mask against query
-blocks").
+Autograd through SDPA per block would keep every block's bias for the backward, heads x s x s / 2
+in all, so neither path below lets it:
+
+* CPU without dropout: an autograd Function over PyTorch's CPU flash-attention kernel and its
+  backward (the ATen ops behind SDPA there). The forward keeps each block's output and
+  log-sum-exp (one float per query and head); the backward rebuilds one block's bias at a time
+  and calls the kernel's backward. No block is computed twice.
+* Otherwise (dropout, CUDA): SDPA per block under ``torch.utils.checkpoint``, which keeps only
+  the block's inputs (q, k, v and the slopes, alive anyway) and recomputes the block, bias
+  included, in the backward: one block forward more.
 
 Dropout: SDPA draws each block's mask from the default generator of the inputs' device, in
 block order, i.e. from whatever stream the caller made current (the model's tensor-parallel
@@ -26,13 +29,18 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.autograd.function import once_differentiable
 
 from megatron.model.alibi import alibi_causal_bias_rows
 from megatron.model.kernels.attention.reference import compute_dtype
 
-MIN_BLOCK, MAX_BLOCK = 128, 512
-# A block's bias is at most this many elements (32 MiB in fp32) unless MIN_BLOCK needs more.
-BIAS_BUDGET_ELEMENTS = 2**23
+# Queries per block. On a 2-core AVX2 CPU, bloom-560m's 16 heads at s = 512-4096, blocks of
+# 64-256 queries ran forward + backward alike and ~1.9x faster than the full mask; 512 and more
+# were slower (bench/README.md, "Attention memory"). A block's bias is at most
+# BIAS_BUDGET_ELEMENTS (16 MiB in fp32: under glibc's largest mmap threshold, 32 MiB, so freed
+# blocks are reused without fresh page faults) unless MIN_BLOCK needs more.
+MIN_BLOCK, MAX_BLOCK = 64, 256
+BIAS_BUDGET_ELEMENTS = 2**22
 
 
 def block_size(heads: int, seq: int) -> int:
@@ -44,36 +52,107 @@ def block_size(heads: int, seq: int) -> int:
     return block
 
 
+def _block_bias(slopes: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    return alibi_causal_bias_rows(slopes, start, end, dtype=dtype)[None]  # [1, heads, block, end]: 4-D
+
+
 def _attend_block(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slopes: torch.Tensor,
                   start: int, end: int, dropout_p: float) -> torch.Tensor:
     """Attention of queries [start, end) over keys [0, end), with that block's bias only."""
-    bias = alibi_causal_bias_rows(slopes, start, end, dtype=query.dtype)[None]  # [1, heads, block, end]
     return F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, :end], value[:, :, :end],
-                                          attn_mask=bias, dropout_p=dropout_p)
+                                          attn_mask=_block_bias(slopes, start, end, query.dtype), dropout_p=dropout_p)
 
 
-def sdpa_chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slopes: torch.Tensor,
-                           dropout_p: float = 0.0, *, block: Optional[int] = None) -> torch.Tensor:
-    """ALiBi causal attention, [batch, heads, seq, head_dim], one query block at a time.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
-    ``block`` (queries per block) defaults to ``block_size(heads, seq)``; peak memory grows with
-    heads x block x seq, not heads x seq x seq.
-    """
-    dtype, work = query.dtype, compute_dtype(query)
-    query, key, value = query.to(work), key.to(work), value.to(work)
-    seq = query.shape[-2]
-    block = block or block_size(query.shape[1], seq)
-    if block < 1:
-        raise ValueError(f"attention block size must be positive, got {block}")
+
+class _CpuFlashBlocks(torch.autograd.Function):
+    """Query blocks through the CPU flash kernel; the backward rebuilds each block's bias."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, slopes, block):
+        out = query.new_empty(query.shape)
+        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        for start in range(0, query.shape[-2], block):
+            end = min(start + block, query.shape[-2])
+            out[:, :, start:end], logsumexp[:, :, start:end] = _CPU_FLASH(
+                query[:, :, start:end], key[:, :, :end], value[:, :, :end],
+                attn_mask=_block_bias(slopes, start, end, query.dtype))
+        ctx.save_for_backward(query, key, value, slopes, out, logsumexp)
+        ctx.block = block
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, slopes, out, logsumexp = ctx.saved_tensors
+        seq = query.shape[-2]
+        grad_query = grad_key = grad_value = None
+        # Last block first: it sees every key, so its key and value gradients are full-size and
+        # become the sums the earlier blocks add into; a single block needs no copy at all.
+        for start in reversed(range(0, seq, ctx.block)):
+            end = min(start + ctx.block, seq)
+            rows = slice(start, end)
+            dq, dk, dv = _CPU_FLASH_BACKWARD(
+                grad_out[:, :, rows], query[:, :, rows], key[:, :, :end], value[:, :, :end], out[:, :, rows],
+                logsumexp[:, :, rows], 0.0, False, attn_mask=_block_bias(slopes, start, end, query.dtype))
+            if grad_key is None:
+                grad_key, grad_value = dk, dv
+                if start == 0:
+                    return dq, dk, dv, None, None
+                grad_query = query.new_empty(query.shape)
+            else:
+                grad_key[:, :, :end] += dk
+                grad_value[:, :, :end] += dv
+            grad_query[:, :, rows] = dq
+        return grad_query, grad_key, grad_value, None, None
+
+
+def _checkpointed_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slopes: torch.Tensor,
+                         dropout_p: float, block: int) -> torch.Tensor:
+    """SDPA per block, each under torch.utils.checkpoint when autograd will need its backward."""
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     outs = []
-    for start in range(0, seq, block):
-        end = min(start + block, seq)
+    for start in range(0, query.shape[-2], block):
+        end = min(start + block, query.shape[-2])
         if recompute:
             out = torch.utils.checkpoint.checkpoint(_attend_block, query, key, value, slopes, start, end, dropout_p,
                                                     use_reentrant=False, preserve_rng_state=dropout_p > 0.0)
         else:
             out = _attend_block(query, key, value, slopes, start, end, dropout_p)
         outs.append(out)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+PATHS = ("cpu_flash", "checkpoint")
+
+
+def sdpa_chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slopes: torch.Tensor,
+                           dropout_p: float = 0.0, *, block: Optional[int] = None,
+                           path: Optional[str] = None) -> torch.Tensor:
+    """ALiBi causal attention, [batch, heads, seq, head_dim], one query block at a time.
+
+    ``block`` (queries per block) defaults to ``block_size(heads, seq)``; peak memory grows with
+    heads x block x seq, not heads x seq x seq. ``path`` (one of PATHS) defaults to "cpu_flash"
+    where it can run (CPU, no dropout) and "checkpoint" elsewhere; benchmarks and tests name it.
+    """
+    dtype, work = query.dtype, compute_dtype(query)
+    query, key, value = query.to(work), key.to(work), value.to(work)
+    block = block or block_size(query.shape[1], query.shape[-2])
+    if block < 1:
+        raise ValueError(f"attention block size must be positive, got {block}")
+    cpu_flash_runs = (query.device.type == "cpu" and dropout_p == 0.0
+                      and _CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None)
+    if path is None:
+        path = "cpu_flash" if cpu_flash_runs else "checkpoint"
+    if path == "cpu_flash":
+        if not cpu_flash_runs:
+            raise ValueError(f"sdpa_chunked path 'cpu_flash' needs CPU inputs, dropout 0 and torch's CPU flash ops; "
+                             f"got {query.device.type}, dropout {dropout_p}: leave path unset")
+        out = _CpuFlashBlocks.apply(query, key, value, slopes, block)
+    elif path == "checkpoint":
+        out = _checkpointed_blocks(query, key, value, slopes, dropout_p, block)
+    else:
+        raise ValueError(f"sdpa_chunked path must be one of {PATHS} or None, got {path!r}")
     return out.to(dtype)
