@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from megatron.core.tensor_parallel import MODEL_PARALLEL_RNG, initialize_rng
-from megatron.model.alibi import alibi_causal_bias, alibi_slopes, alibi_slopes_for_rank
+from megatron.model.alibi import alibi_causal_bias, alibi_causal_bias_rows, alibi_slopes, alibi_slopes_for_rank
 from megatron.model.kernels.attention import (
     ATTENTION_IMPLEMENTATIONS,
     choose_attention,
@@ -30,7 +30,7 @@ from megatron.model.kernels.attention import (
     sdpa_mask_attention,
     unavailable_reason,
 )
-from megatron.model.kernels.attention.chunked import BIAS_BUDGET_ELEMENTS, block_size
+from megatron.model.kernels.attention.chunked import BIAS_BUDGET_ELEMENTS, BlockBias, block_size
 
 SEQ = 37  # not a multiple of any block below: the last block is ragged
 SLOPES = {"6 heads": alibi_slopes(6), "12 heads, TP2 rank 1": alibi_slopes_for_rank(12, 1, 2),
@@ -97,10 +97,20 @@ def test_causal_and_slope_form():
     torch.testing.assert_close(out, torch.softmax(scores, -1) @ v, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("slopes_name", list(SLOPES))
+def test_block_bias_equals_the_rows_of_the_full_bias(slopes_name):
+    slopes, seq, block = SLOPES[slopes_name], SEQ, 16
+    table, full = BlockBias(slopes, seq, block), alibi_causal_bias(slopes, seq)
+    for start in range(0, seq, block):
+        end = min(start + block, seq)
+        assert torch.equal(table(start, end, torch.float32)[0], full[:, start:end, :end])
+        assert torch.equal(alibi_causal_bias_rows(slopes, start, end), full[:, start:end, :end])
+
+
 def test_block_size_bounds_the_bias():
-    assert block_size(16, 1024) == 256  # bloom-560m
-    assert block_size(16, 2048) == 128
-    assert block_size(28, 2048) == 64  # BLOOM-176B at TP4: 112 / 4 heads
+    assert block_size(16, 2048) == 256  # bloom-560m
+    assert block_size(16, 4096) == 128
+    assert block_size(28, 2048) == 128  # BLOOM-176B at TP4: 112 / 4 heads
     for heads, seq in [(16, 512), (16, 1024), (16, 2048), (28, 2048), (8, 4096)]:
         assert heads * block_size(heads, seq) * seq <= BIAS_BUDGET_ELEMENTS
 

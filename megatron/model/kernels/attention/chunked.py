@@ -2,7 +2,8 @@
 
 For a block of queries ``[start, end)`` only keys ``[0, end)`` are visible (later keys are
 masked for all of them), so each block builds just its bias ``[heads, end - start, end]``
-(``alibi_causal_bias_rows``) and attends over those keys. That also skips the fully masked
+(the rows ``alibi_causal_bias_rows`` gives, from one small table: ``BlockBias``) and attends
+over those keys. That also skips the fully masked
 upper half of the score matrix, which the full-mask kernel computes and then throws away.
 
 Autograd through SDPA per block would keep every block's bias for the backward, heads x s x s / 2
@@ -31,16 +32,14 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.autograd.function import once_differentiable
 
-from megatron.model.alibi import alibi_causal_bias_rows
 from megatron.model.kernels.attention.reference import compute_dtype
 
-# Queries per block. On a 2-core AVX2 CPU, bloom-560m's 16 heads at s = 512-4096, blocks of
-# 64-256 queries ran forward + backward alike and ~1.9x faster than the full mask; 512 and more
-# were slower (bench/README.md, "Attention memory"). A block's bias is at most
-# BIAS_BUDGET_ELEMENTS (16 MiB in fp32: under glibc's largest mmap threshold, 32 MiB, so freed
-# blocks are reused without fresh page faults) unless MIN_BLOCK needs more.
-MIN_BLOCK, MAX_BLOCK = 64, 256
-BIAS_BUDGET_ELEMENTS = 2**22
+# Queries per block. On a 2-core AVX2 CPU (bloom-560m's 16 heads, s = 2048), blocks of 128-256
+# queries ran forward + backward fastest; 64 was slower when the cores were shared (twice the
+# kernel calls, each a parallel region), 512 slower too (bench/README.md, "Attention memory").
+# A block's bias is at most BIAS_BUDGET_ELEMENTS (32 MiB in fp32) unless MIN_BLOCK needs more.
+MIN_BLOCK, MAX_BLOCK = 128, 256
+BIAS_BUDGET_ELEMENTS = 2**23
 
 
 def block_size(heads: int, seq: int) -> int:
@@ -52,15 +51,37 @@ def block_size(heads: int, seq: int) -> int:
     return block
 
 
-def _block_bias(slopes: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
-    return alibi_causal_bias_rows(slopes, start, end, dtype=dtype)[None]  # [1, heads, block, end]: 4-D
+class BlockBias:
+    """The ALiBi + causal bias of any query block of one call, each a single product.
+
+    ``distance[i, c] = c - i - seq``, -inf where positive (a future key), over [block, seq + block]:
+    the block of queries [start, end) over keys [0, end) is the window of columns from
+    ``seq - start`` (key j is column seq - start + j), so every block is ``slopes x window``, equal
+    to ``alibi_causal_bias_rows(slopes, start, end)`` exactly. Building each block's distances
+    afresh would cost several more passes per block, which on a shared CPU adds up (each op is a
+    parallel region).
+    """
+
+    def __init__(self, slopes: torch.Tensor, seq: int, block: int):
+        device = slopes.device
+        columns = torch.arange(seq + block, device=device)
+        distance = (columns[None, :] - torch.arange(block, device=device)[:, None] - seq).float()
+        # ALiBi slopes are positive, so slope x -inf stays -inf.
+        self.distance = distance.masked_fill_(distance > 0, float("-inf"))
+        self.slopes = slopes.float()[:, None, None]
+        self.seq = seq
+
+    def __call__(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """[1, heads, end - start, end]: the 4-D float mask SDPA's fused kernels take."""
+        window = self.distance[: end - start, self.seq - start : self.seq - start + end]
+        return (self.slopes * window[None]).to(dtype)[None]
 
 
-def _attend_block(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slopes: torch.Tensor,
+def _attend_block(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: BlockBias,
                   start: int, end: int, dropout_p: float) -> torch.Tensor:
     """Attention of queries [start, end) over keys [0, end), with that block's bias only."""
     return F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, :end], value[:, :, :end],
-                                          attn_mask=_block_bias(slopes, start, end, query.dtype), dropout_p=dropout_p)
+                                          attn_mask=bias(start, end, query.dtype), dropout_p=dropout_p)
 
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -72,13 +93,17 @@ class _CpuFlashBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, slopes, block):
-        out = query.new_empty(query.shape)
-        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
-        for start in range(0, query.shape[-2], block):
-            end = min(start + block, query.shape[-2])
-            out[:, :, start:end], logsumexp[:, :, start:end] = _CPU_FLASH(
-                query[:, :, start:end], key[:, :, :end], value[:, :, :end],
-                attn_mask=_block_bias(slopes, start, end, query.dtype))
+        seq = query.shape[-2]
+        bias = BlockBias(slopes, seq, block)
+        if block >= seq:  # one block: the kernel's outputs as they are
+            out, logsumexp = _CPU_FLASH(query, key, value, attn_mask=bias(0, seq, query.dtype))
+        else:
+            out = query.new_empty(query.shape)
+            logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+            for start in range(0, seq, block):
+                end = min(start + block, seq)
+                out[:, :, start:end], logsumexp[:, :, start:end] = _CPU_FLASH(
+                    query[:, :, start:end], key[:, :, :end], value[:, :, :end], attn_mask=bias(start, end, query.dtype))
         ctx.save_for_backward(query, key, value, slopes, out, logsumexp)
         ctx.block = block
         return out
@@ -88,6 +113,7 @@ class _CpuFlashBlocks(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, slopes, out, logsumexp = ctx.saved_tensors
         seq = query.shape[-2]
+        bias = BlockBias(slopes, seq, ctx.block)
         grad_query = grad_key = grad_value = None
         # Last block first: it sees every key, so its key and value gradients are full-size and
         # become the sums the earlier blocks add into; a single block needs no copy at all.
@@ -96,7 +122,7 @@ class _CpuFlashBlocks(torch.autograd.Function):
             rows = slice(start, end)
             dq, dk, dv = _CPU_FLASH_BACKWARD(
                 grad_out[:, :, rows], query[:, :, rows], key[:, :, :end], value[:, :, :end], out[:, :, rows],
-                logsumexp[:, :, rows], 0.0, False, attn_mask=_block_bias(slopes, start, end, query.dtype))
+                logsumexp[:, :, rows], 0.0, False, attn_mask=bias(start, end, query.dtype))
             if grad_key is None:
                 grad_key, grad_value = dk, dv
                 if start == 0:
@@ -113,14 +139,15 @@ def _checkpointed_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          dropout_p: float, block: int) -> torch.Tensor:
     """SDPA per block, each under torch.utils.checkpoint when autograd will need its backward."""
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    bias = BlockBias(slopes, query.shape[-2], block)
     outs = []
     for start in range(0, query.shape[-2], block):
         end = min(start + block, query.shape[-2])
         if recompute:
-            out = torch.utils.checkpoint.checkpoint(_attend_block, query, key, value, slopes, start, end, dropout_p,
+            out = torch.utils.checkpoint.checkpoint(_attend_block, query, key, value, bias, start, end, dropout_p,
                                                     use_reentrant=False, preserve_rng_state=dropout_p > 0.0)
         else:
-            out = _attend_block(query, key, value, slopes, start, end, dropout_p)
+            out = _attend_block(query, key, value, bias, start, end, dropout_p)
         outs.append(out)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
