@@ -2,7 +2,7 @@
 """Attention memory and speed on CPU: the full ALiBi mask (sdpa_mask) against query blocks (sdpa_chunked).
 
     python bench/attention_memory.py            # bloom-560m: 16 heads x 64, batch 1; s = 512, 1024, 2048
-    python bench/attention_memory.py --seqs 1024 4096 --repeats 10
+    python bench/attention_memory.py --seqs 256 --time-seq 256 --repeats 2 --warmup 1   # a quick look
 
 For each sequence length and implementation of ``megatron/model/kernels/attention``, one layer's
 attention call on fp32 q, k, v [batch, heads, s, head_dim] (allocated beforehand, not counted):
