@@ -92,7 +92,7 @@ def test_causal_and_slope_form():
     v2[:, :, 20:] += 100.0
     assert torch.equal(sdpa_chunked_attention(q, k, v2, slopes, block=8)[:, :, :20], out[:, :, :20])
     # BLOOM (transformers) adds slope x key position; it differs by a per-row constant.
-    scores = q @ k.transpose(-1, -2) / math.sqrt(16) + slopes[:, None, None] * torch.arange(SEQ.__int__())
+    scores = q @ k.transpose(-1, -2) / math.sqrt(16) + slopes[:, None, None] * torch.arange(SEQ)
     scores = scores.masked_fill(torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(out, torch.softmax(scores, -1) @ v, rtol=1e-5, atol=1e-5)
 
@@ -194,7 +194,7 @@ def test_dropout_equals_reference_with_the_same_mask():
     torch.testing.assert_close(dropped[kept], probs[kept] / (1 - DROPOUT_P), rtol=1e-5, atol=1e-6)
     assert not kept[~visible].any()
     dropped_fraction = 1.0 - kept[visible].float().mean().item()
-    assert abs(dropped_fraction - DROPOUT_P) < 0.04  # ~5,200 draws: 8 standard deviations
+    assert abs(dropped_fraction - DROPOUT_P) < 0.04  # 2,610 draws (seeded): 4.4 standard deviations
 
     # Same seed, real values: output and all gradients equal the reference with that mask, so the
     # backward (which recomputes each block) used the forward's mask.
