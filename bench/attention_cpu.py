@@ -11,8 +11,9 @@ ALiBi + causal mask of shape [1, heads, s, s] (``megatron.model.alibi``'s slopes
 
 * ``fp32``: fp32 q, k, v and mask;
 * ``bf16``: bf16 q, k, v and mask, straight into the kernel;
-* ``bf16 via fused_alibi_attention``: bf16 inputs through ``megatron/model/kernels/attention.py``,
-  which on CPU casts them to fp32, attends, and casts the output back (what the model runs).
+* ``bf16 via sdpa_mask_attention``: bf16 inputs through ``megatron/model/kernels/attention``'s
+  full-mask path, which on CPU casts them to fp32, attends, and casts the output back (what the
+  model ran before the query-block path, ``sdpa_chunked``; see bench/attention_memory.py).
 
 The variants alternate call by call (A B C A B C ..., each forward+backward followed by its
 forward) so drifts in machine load hit all alike;
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_record import describe_machine, write_result  # noqa: E402
 from megatron.model.alibi import alibi_causal_bias, alibi_slopes  # noqa: E402
-from megatron.model.kernels.attention import fused_alibi_attention  # noqa: E402
+from megatron.model.kernels.attention import sdpa_mask_attention  # noqa: E402
 
 
 def make_variant(name: str, shape: tuple[int, int, int, int], slopes: torch.Tensor,
@@ -53,9 +54,9 @@ def make_variant(name: str, shape: tuple[int, int, int, int], slopes: torch.Tens
     dtype = torch.float32 if name == "fp32" else torch.bfloat16
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(shape, generator=gen).to(dtype).requires_grad_() for _ in range(3))
-    if name == "bf16 via fused_alibi_attention":
+    if name == "bf16 via sdpa_mask_attention":
         def attend() -> torch.Tensor:
-            return fused_alibi_attention(q, k, v, slopes)
+            return sdpa_mask_attention(q, k, v, slopes)
     else:
         bias = alibi_causal_bias(slopes, seq, dtype=dtype)[None]  # [1, heads, s, s]: the flash kernel
 
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{info['load_average_at_start'][0]:.1f}; q, k, v {list(shape)}, mask [1, {args.heads}, {args.seq}, "
           f"{args.seq}]", flush=True)
     slopes = alibi_slopes(args.heads)
-    names = ["fp32", "bf16", "bf16 via fused_alibi_attention"]
+    names = ["fp32", "bf16", "bf16 via sdpa_mask_attention"]
     passes = ["forward+backward", "forward"]
     variants = {name: make_variant(name, shape, slopes, args.seed) for name in names}
     kernels = {name: attention_kernels(fns["forward+backward"]) for name, fns in variants.items()}

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron.config import ModelConfig
+from megatron.config import ModelConfig, OptimizerConfig
 from megatron.model.alibi import alibi_slopes
-from megatron.model.kernels import cross_entropy, elementwise, implementation, kernel_names, select_kernels
+from megatron.model.kernels import cross_entropy, elementwise, implementation, kernel_names, select_adam, select_kernels
 
 
 def get_kernel(name: str, fused: bool = True):
@@ -105,7 +105,7 @@ def test_bias_dropout_add_matches_reference():
 
 def test_selection_follows_the_config_and_refuses_what_cannot_run():
     cpu = select_kernels(ModelConfig(), "cpu")
-    assert (cpu.attention.name, cpu.cross_entropy.name) == ("sdpa_mask", "chunked")
+    assert (cpu.attention.name, cpu.cross_entropy.name) == ("sdpa_chunked", "chunked")
     assert "no recompute on cpu" in cpu.cross_entropy.reason
     assert cpu.bias_gelu.name == "reference" and "matmul-bound" in cpu.bias_gelu.reason
     cuda = select_kernels(ModelConfig(), "cuda")
@@ -118,6 +118,13 @@ def test_selection_follows_the_config_and_refuses_what_cannot_run():
     assert {plain.attention.name, plain.cross_entropy.name, plain.bias_gelu.name} == {"reference"}
     with pytest.raises(ValueError, match="model.attention_implementation: 'softmax' is not an implementation"):
         select_kernels(ModelConfig(attention_implementation="softmax"), "cpu")
+    with pytest.raises(ValueError, match="model.attention_implementation: attention implementation 'flash' cannot "
+                                         "run here"):
+        select_kernels(ModelConfig(attention_implementation="flash"), "cpu")
+    assert select_adam(OptimizerConfig(), "cpu").name == "torch_fused"
+    assert select_adam(OptimizerConfig(), "cuda").name == "deepspeed_fused"
+    with pytest.raises(ValueError, match="optimizer.adam_implementation: 'deepspeed_fused' cannot run here"):
+        select_adam(OptimizerConfig(adam_implementation="deepspeed_fused"), "cpu")
 
 
 def test_model_with_fused_elementwise_kernels_equals_the_reference_model():

@@ -40,8 +40,22 @@ def alibi_causal_bias(slopes: torch.Tensor, seq_length: int, dtype: torch.dtype 
     The relative distance (key - query <= 0) keeps values small for long sequences; it differs
     from transformers' ``slope x key`` by a per-row constant, which softmax ignores.
     """
-    positions = torch.arange(seq_length, device=slopes.device, dtype=torch.float32)
-    distance = positions[None, :] - positions[:, None]  # [query, key]
-    bias = slopes.float()[:, None, None] * distance[None]
-    causal = torch.ones(seq_length, seq_length, dtype=torch.bool, device=slopes.device).triu(1)
-    return bias.masked_fill(causal, float("-inf")).to(dtype)
+    return alibi_causal_bias_rows(slopes, 0, seq_length, dtype)
+
+
+def alibi_causal_bias_rows(slopes: torch.Tensor, query_start: int, query_end: int,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows ``query_start:query_end`` of ``alibi_causal_bias`` over the keys they can see.
+
+    Shape ``[heads, query_end - query_start, query_end]``: keys from ``query_end`` on are masked
+    for every one of these queries, so they are left out rather than filled with -inf. The
+    values equal the same rows of the full bias exactly.
+    """
+    device = slopes.device
+    keys = torch.arange(query_end, device=device, dtype=torch.float32)
+    queries = torch.arange(query_start, query_end, device=device, dtype=torch.float32)
+    distance = keys[None, :] - queries[:, None]  # [query, key]
+    # Future keys get -inf before the per-head product: ALiBi slopes are positive, so slope x -inf
+    # stays -inf, and the mask costs one pass over [query, key] instead of one over every head.
+    distance.masked_fill_(distance > 0, float("-inf"))
+    return (slopes.float()[:, None, None] * distance[None]).to(dtype)

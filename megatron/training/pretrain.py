@@ -134,7 +134,8 @@ def build_network(cfg: Config, parallel: ParallelState, device: torch.device,
     """The model for this rank: a PipelineModule when PP > 1, else the TP-aware BLOOM; dropout
     draws from ``rng_tracker`` where activations differ across TP ranks."""
     t, p = cfg.training, cfg.parallel
-    kernels = select_kernels(cfg.model, torch.device(device).type)
+    dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+    kernels = select_kernels(cfg.model, torch.device(device).type, dtype)
     if parallel.rank == 0:
         adam = select_adam(cfg.optimizer, torch.device(device).type)
         logging.getLogger(__name__).info("%s, adamw=%s (%s)", kernels.describe(), adam.name, adam.reason)

@@ -14,8 +14,10 @@ run is refused with the reason, as Megatron-DeepSpeed's
 ``--abort-on-unmet-fused-kernel-constraints`` does, instead of silently running another one.
 
 Kernels and implementations:
-    attention         reference (fp32 matmuls), sdpa_mask (SDPA with an explicit [heads, s, s]
-                      ALiBi + causal mask)
+    attention         reference (fp32 matmuls), sdpa_mask (SDPA with the full [heads, s, s]
+                      ALiBi + causal mask), sdpa_chunked (SDPA per query block, that block's bias
+                      only), flex (FlexAttention; CUDA), flash (flash-attn; CUDA): see
+                      megatron/model/kernels/attention
     cross_entropy     the LM head and its loss, (hidden, weight, labels, tp_group) -> per-token losses:
                       reference (logits, then an fp32 copy), chunked (logits, then a cross entropy
                       without the copy), fused_linear (token chunks: no [tokens, vocab] logits, at
@@ -34,15 +36,25 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
+import torch
+
 from megatron.config import ModelConfig, OptimizerConfig
 from megatron.model.kernels import attention, elementwise, linear_cross_entropy
 
-# A device the implementation cannot serve, with this model config: the reason, else None.
-Unavailable = Callable[[str, ModelConfig], Optional[str]]
+# A device the implementation cannot serve, with this model config and compute dtype: the
+# reason, else None.
+Unavailable = Callable[[str, ModelConfig, torch.dtype], Optional[str]]
 
 
-def _anywhere(device_type: str, cfg: ModelConfig) -> Optional[str]:
+def _anywhere(device_type: str, cfg: object, dtype: Optional[torch.dtype]) -> Optional[str]:
     return None
+
+
+def _attention_unavailable(name: str) -> Unavailable:
+    def unavailable(device_type: str, cfg: ModelConfig, dtype: torch.dtype) -> Optional[str]:
+        return attention.unavailable_reason(name, device_type, dtype, cfg.attention_dropout, cfg.head_dim)
+
+    return unavailable
 
 
 @dataclass(frozen=True)
@@ -54,10 +66,8 @@ class Implementation:
 
 
 IMPLEMENTATIONS: dict[str, dict[str, Implementation]] = {
-    "attention": {
-        "reference": Implementation(attention.reference_alibi_attention),
-        "sdpa_mask": Implementation(attention.fused_alibi_attention),
-    },
+    "attention": {name: Implementation(fn, _attention_unavailable(name))
+                  for name, fn in attention.ATTENTION_IMPLEMENTATIONS.items()},
     "cross_entropy": {
         "reference": Implementation(linear_cross_entropy.reference_linear_cross_entropy),
         "chunked": Implementation(linear_cross_entropy.chunked_logits_cross_entropy),
@@ -99,12 +109,13 @@ class Kernels:
         return "kernels: " + ", ".join(parts)
 
 
-def _choice(kernel: str, name: str, reason: str, device_type: str, cfg: ModelConfig, field: str) -> KernelChoice:
+def _choice(kernel: str, name: str, reason: str, device_type: str, cfg: ModelConfig, field: str,
+            dtype: torch.dtype) -> KernelChoice:
     if name not in IMPLEMENTATIONS[kernel]:
         raise ValueError(f"model.{field}: {name!r} is not an implementation of {kernel}; choose auto or one of "
                          f"{sorted(IMPLEMENTATIONS[kernel])}")
     implementation = IMPLEMENTATIONS[kernel][name]
-    refused = implementation.unavailable(device_type, cfg)
+    refused = implementation.unavailable(device_type, cfg, dtype)
     if refused:
         raise ValueError(f"model.{field}: {kernel} implementation {name!r} cannot run here: {refused}; set "
                          f"model.{field} to auto or another implementation")
@@ -121,48 +132,49 @@ _FUSED_HEAD_DEVICES = ("cuda",)
 _ELEMENTWISE_DEVICES = ("cuda",)
 
 
-def _switch(kernel: str, enabled: bool, field: str, device_type: str, cfg: ModelConfig, fused: str,
-            devices: Optional[tuple[str, ...]] = None,
+def _switch(kernel: str, enabled: bool, field: str, device_type: str, cfg: ModelConfig, dtype: torch.dtype,
+            fused: str, devices: Optional[tuple[str, ...]] = None,
             unfused: tuple[str, str] = ("reference", "eager")) -> KernelChoice:
     """``fused`` when the switch is on (and, with ``devices``, on one of them), else the reference;
     off ``devices``, ``unfused`` = (implementation, a word on why)."""
     if not cfg.use_fused_kernels:
-        return _choice(kernel, "reference", "model.use_fused_kernels=false", device_type, cfg, field)
+        return _choice(kernel, "reference", "model.use_fused_kernels=false", device_type, cfg, field, dtype)
     if not enabled:
-        return _choice(kernel, "reference", f"model.{field}=false", device_type, cfg, field)
+        return _choice(kernel, "reference", f"model.{field}=false", device_type, cfg, field, dtype)
     if devices is not None and device_type not in devices:
         fallback, why = unfused
         return _choice(kernel, fallback, f"{why} on {device_type}: the step is matmul-bound there", device_type,
-                       cfg, field)
-    return _choice(kernel, fused, f"model.{field}=true", device_type, cfg, field)
+                       cfg, field, dtype)
+    return _choice(kernel, fused, f"model.{field}=true", device_type, cfg, field, dtype)
 
 
-def select_kernels(cfg: ModelConfig, device_type: str) -> Kernels:
+def select_kernels(cfg: ModelConfig, device_type: str, dtype: torch.dtype = torch.float32) -> Kernels:
     """Every kernel's implementation for ``cfg`` on a ``device_type`` (``"cpu"``, ``"cuda"``)
-    device; raises ValueError naming the config field when a requested one cannot run."""
-    requested = cfg.attention_implementation
-    if requested != "auto":
-        attention_choice = _choice("attention", requested, "model.attention_implementation", device_type, cfg,
-                                   "attention_implementation")
-    elif not cfg.use_fused_kernels or not cfg.masked_softmax_fusion:
+    device computing in ``dtype`` (the run's precision: flash-attn needs bf16 or fp16); raises
+    ValueError naming the config field when a requested one cannot run."""
+    field = "attention_implementation"
+    if cfg.attention_implementation == "auto" and not (cfg.use_fused_kernels and cfg.masked_softmax_fusion):
         why = "model.use_fused_kernels=false" if not cfg.use_fused_kernels else "model.masked_softmax_fusion=false"
-        attention_choice = _choice("attention", "reference", why, device_type, cfg, "attention_implementation")
+        attention_choice = _choice("attention", "reference", why, device_type, cfg, field, dtype)
+    elif cfg.attention_implementation == "auto":
+        name, why = attention.choose_attention("auto", device_type, dtype, cfg.attention_dropout, cfg.head_dim)
+        attention_choice = _choice("attention", name, why, device_type, cfg, field, dtype)
     else:
-        attention_choice = _choice("attention", "sdpa_mask", f"auto on {device_type}", device_type, cfg,
-                                   "attention_implementation")
+        attention_choice = _choice("attention", cfg.attention_implementation, "model.attention_implementation",
+                                   device_type, cfg, field, dtype)
     return Kernels(
         attention=attention_choice,
         cross_entropy=_switch("cross_entropy", cfg.cross_entropy_loss_fusion, "cross_entropy_loss_fusion",
-                              device_type, cfg, "fused_linear", _FUSED_HEAD_DEVICES,
+                              device_type, cfg, dtype, "fused_linear", _FUSED_HEAD_DEVICES,
                               ("chunked", "logits kept, no recompute")),
-        bias_gelu=_switch("bias_gelu", cfg.bias_gelu_fusion, "bias_gelu_fusion", device_type, cfg, "fused",
+        bias_gelu=_switch("bias_gelu", cfg.bias_gelu_fusion, "bias_gelu_fusion", device_type, cfg, dtype, "fused",
                           _ELEMENTWISE_DEVICES),
         bias_dropout_add=_switch("bias_dropout_add", cfg.bias_dropout_fusion, "bias_dropout_fusion", device_type,
-                                 cfg, "fused", _ELEMENTWISE_DEVICES),
+                                 cfg, dtype, "fused", _ELEMENTWISE_DEVICES),
     )
 
 
-def _needs_cuda(device_type: str, cfg: object) -> Optional[str]:
+def _needs_cuda(device_type: str, cfg: object, dtype: Optional[torch.dtype]) -> Optional[str]:
     return None if device_type == "cuda" else f"DeepSpeed's FusedAdam is a CUDA kernel and the device is {device_type}"
 
 
@@ -185,7 +197,7 @@ def select_adam(cfg: OptimizerConfig, device_type: str) -> KernelChoice:
     if name not in ADAM_IMPLEMENTATIONS:
         raise ValueError(f"optimizer.adam_implementation: {name!r} is not an AdamW implementation; choose auto or "
                          f"one of {sorted(ADAM_IMPLEMENTATIONS)}")
-    refused = ADAM_IMPLEMENTATIONS[name].unavailable(device_type, cfg)
+    refused = ADAM_IMPLEMENTATIONS[name].unavailable(device_type, cfg, None)
     if refused:
         raise ValueError(f"optimizer.adam_implementation: {name!r} cannot run here: {refused}; set it to auto or "
                          "a torch_* implementation")
