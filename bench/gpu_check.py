@@ -6,7 +6,7 @@
     python bench/gpu_check.py --variants auto reference attention=reference --steps 10
 
 1. Kernel checks. For every kernel in megatron/model/kernels' IMPLEMENTATIONS and every
-   implementation that the device can run (``unavailable(device, cfg)`` is None), forward and
+   implementation that the device can run (``unavailable(device, cfg, dtype)`` is None), forward and
    backward on small random inputs against the kernel's ``reference`` implementation, in fp32
    (tight) and bf16 (loose): the norm-relative error of the output and of each input gradient.
    A kernel this script has no input builder for is recorded as such, not failed.
@@ -208,15 +208,15 @@ def check_kernels(cfg: ModelConfig, device: torch.device, small: bool, deadline:
             if name == "reference":
                 continue
             record = base | {"implementation": name}
-            refused = impl.unavailable(device.type, cfg)
-            if refused:
-                records.append(record | {"status": "skipped", "reason": f"unavailable on {device.type}: {refused}"})
-                continue
             if builder is None:
                 records.append(record | {"status": "skipped", "reason": "no input builder in bench/gpu_check.py"})
                 continue
             for dtype in (torch.float32, torch.bfloat16):
                 entry = record | {"dtype": DTYPE_NAMES[dtype], "tolerance": TOLERANCE[dtype]}
+                refused = impl.unavailable(device.type, cfg, dtype)
+                if refused:
+                    records.append(entry | {"status": "skipped", "reason": f"unavailable on {device.type}: {refused}"})
+                    continue
                 if time.monotonic() > deadline:
                     records.append(entry | {"status": "skipped", "reason": "time budget"})
                     continue
@@ -301,20 +301,20 @@ class Runner:
     description: dict[str, Any]
 
 
-def resolve_kernels(cfg: ModelConfig, device_type: str, spec: str) -> Kernels:
-    """``auto``, ``reference`` or ``kernel=implementation,...`` (on top of ``auto``)."""
+def resolve_kernels(cfg: ModelConfig, device_type: str, spec: str, dtype: torch.dtype) -> Kernels:
+    """``auto``, ``reference`` or ``kernel=implementation,...`` (on top of ``auto``), for a run in ``dtype``."""
     if spec == "auto":
-        return select_kernels(cfg, device_type)
+        return select_kernels(cfg, device_type, dtype)
     if spec == "reference":
-        return select_kernels(dataclasses.replace(cfg, use_fused_kernels=False), device_type)
-    kernels = select_kernels(cfg, device_type)
+        return select_kernels(dataclasses.replace(cfg, use_fused_kernels=False), device_type, dtype)
+    kernels = select_kernels(cfg, device_type, dtype)
     known = {f.name for f in dataclasses.fields(Kernels)}
     for item in spec.split(","):
         kernel, _, name = item.partition("=")
         if kernel not in known or name not in IMPLEMENTATIONS.get(kernel, {}):
             raise ValueError(f"variant {spec!r}: {item!r} is not kernel=implementation; known: "
                              f"{ {k: sorted(v) for k, v in IMPLEMENTATIONS.items()} }")
-        refused = IMPLEMENTATIONS[kernel][name].unavailable(device_type, cfg)
+        refused = IMPLEMENTATIONS[kernel][name].unavailable(device_type, cfg, dtype)
         if refused:
             raise ValueError(f"variant {spec!r}: {kernel}={name} cannot run on {device_type}: {refused}")
         kernels = dataclasses.replace(kernels, **{kernel: KernelChoice(kernel, name, "--variants",
@@ -323,7 +323,7 @@ def resolve_kernels(cfg: ModelConfig, device_type: str, spec: str) -> Kernels:
 
 
 def build_ours(cfg, device: torch.device, dtype: torch.dtype, spec: str, fused_adam: bool) -> Runner:
-    kernels = resolve_kernels(cfg.model, device.type, spec)
+    kernels = resolve_kernels(cfg.model, device.type, spec, dtype)
     model = build_model(cfg.model, cfg.model.padded_vocab_size(), device=device, seed=cfg.training.seed,
                         kernels=kernels).to(dtype)
     model.train()
