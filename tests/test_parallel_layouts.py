@@ -36,10 +36,12 @@ def reference(corpus, tmp_path_factory):
 
 
 LAYOUTS = [
-    pytest.param((2, 1, 1), {}, id="tp2"),
-    pytest.param((1, 2, 1), {}, id="pp2"),
+    # tp2, pp2 and tp2-pp2 alone run in `make test-slow`: the main suite has them in tp2-pp2-dp2,
+    # and tp2 in tp2-sp, pp2 in pp2-recompute (kept within its time on 2 AVX2 cores).
+    pytest.param((2, 1, 1), {}, id="tp2", marks=pytest.mark.slow),
+    pytest.param((1, 2, 1), {}, id="pp2", marks=pytest.mark.slow),
     pytest.param((1, 1, 2), {}, id="dp2"),
-    pytest.param((2, 2, 1), {}, id="tp2-pp2"),
+    pytest.param((2, 2, 1), {}, id="tp2-pp2", marks=pytest.mark.slow),
     # Each pair is also in tp2-pp2-dp2 below: these two run in `make test-slow` to keep the main
     # suite within its time on a 2-core CPU.
     pytest.param((2, 1, 2), {}, id="tp2-dp2", marks=pytest.mark.slow),
