@@ -47,7 +47,9 @@ def train_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["lm loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
+# (2, 2, 2) runs in `make test-slow` (8 ranks, three runs): the main suite resumes bit for bit at
+# (1, 1, 1), from the legacy fixture, and across layouts in test_checkpoint_reshape.py.
+@pytest.fixture(scope="module", params=["1x1x1", pytest.param("2x2x2", marks=pytest.mark.slow)])
 def runs(request, corpus, tmp_path_factory):
     """An uninterrupted run, and the same run stopped (exit_interval) then resumed."""
     layout, steps, stop = LAYOUTS[request.param]
