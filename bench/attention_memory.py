@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,21 +47,9 @@ from bench_record import describe_machine, write_result  # noqa: E402
 from megatron.model.alibi import alibi_slopes  # noqa: E402
 from megatron.model.kernels.attention import sdpa_chunked_attention, sdpa_mask_attention  # noqa: E402
 from megatron.model.kernels.attention.chunked import block_size  # noqa: E402
+from megatron.utils.live_memory import allocation_profile  # noqa: E402
 
 MIB = 2**20
-
-
-def allocation_profile(fn: Callable[[], object]) -> tuple[int, int]:
-    """(peak, net) CPU bytes allocated while ``fn`` runs, relative to its start."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak, live
 
 
 def variants(heads: int, seq: int, fixed_block: int) -> dict[str, Callable]:

@@ -16,7 +16,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 from megatron.core.tensor_parallel import MODEL_PARALLEL_RNG, initialize_rng
 from megatron.model.alibi import alibi_causal_bias, alibi_causal_bias_rows, alibi_slopes, alibi_slopes_for_rank
@@ -31,6 +30,7 @@ from megatron.model.kernels.attention import (
     unavailable_reason,
 )
 from megatron.model.kernels.attention.chunked import BIAS_BUDGET_ELEMENTS, BlockBias, block_size
+from megatron.utils.live_memory import allocation_profile
 
 SEQ = 37  # not a multiple of any block below: the last block is ragged
 SLOPES = {"6 heads": alibi_slopes(6), "12 heads, TP2 rank 1": alibi_slopes_for_rank(12, 1, 2),
@@ -118,15 +118,7 @@ def test_block_size_bounds_the_bias():
 def _peak_bytes(fn) -> int:
     """Peak of CPU bytes allocated and not yet freed while ``fn`` runs (the profiler's allocation
     events; counts kernels' scratch buffers too)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    return allocation_profile(fn)[0]
 
 
 @pytest.mark.parametrize("path", chunked.PATHS)

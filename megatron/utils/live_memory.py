@@ -20,7 +20,7 @@ unlike ``torch.cuda.max_memory_allocated``; exact per allocation, unlike the pro
 from __future__ import annotations
 
 import weakref
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -72,3 +72,20 @@ class LiveStorageBytes(TorchDispatchMode):
                 now += delta
                 peak = max(peak, now)
         return peak
+
+
+def allocation_profile(fn: Callable[[], object]) -> tuple[int, int]:
+    """(peak, net) CPU bytes allocated and not yet freed while ``fn`` runs, relative to its start:
+    the profiler's allocator events, so kernels' scratch buffers count too (unlike
+    :class:`LiveStorageBytes`, which sees tensor storages only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, live
