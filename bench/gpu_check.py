@@ -167,12 +167,20 @@ def _bias_dropout_add_inputs(gen, device, dtype, small: bool, cfg: ModelConfig) 
             _randn(gen, shape, device, dtype), 0.0, True]  # p=0 (BLOOM's), training
 
 
+def _add_layer_norm_inputs(gen, device, dtype, small: bool, cfg: ModelConfig) -> list:
+    shape = (4, 6, 32) if small else (2, 128, cfg.hidden_size)
+    return [_randn(gen, shape, device, dtype), _randn(gen, shape[-1:], device, dtype),
+            _randn(gen, shape, device, dtype), _randn(gen, shape[-1:], device, dtype, scale=0.5),
+            _randn(gen, shape[-1:], device, dtype), cfg.layernorm_epsilon]
+
+
 # Arguments of one call of each kernel; a kernel missing here is recorded as "no input builder".
 INPUT_BUILDERS: dict[str, Callable[..., list]] = {
     "attention": _attention_inputs,
     "cross_entropy": _cross_entropy_inputs,
     "bias_gelu": _bias_gelu_inputs,
     "bias_dropout_add": _bias_dropout_add_inputs,
+    "add_layer_norm": _add_layer_norm_inputs,
 }
 
 
@@ -182,6 +190,8 @@ def _run_kernel(fn: Callable, args: list, weights: Optional[torch.Tensor]) -> tu
     leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.requires_grad else a
               for a in args]
     out = fn(*leaves)
+    if isinstance(out, tuple):  # several outputs (add_layer_norm): compared as one
+        out = torch.cat([o.flatten() for o in out])
     if weights is None:
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
     (out.float() * weights).sum().backward()

@@ -1,45 +1,135 @@
 #!/usr/bin/env python
-"""One training step of our BLOOM against transformers' BloomForCausalLM, same process, same data.
+"""One training step of our BLOOM against transformers' BloomForCausalLM and against this
+machine's matmul-bound limit, with the contribution of each kernel (ablation), same process,
+same weights, same batches.
 
-    python bench/train_step_vs_transformers.py            # the issue's config, bf16 autocast on CPU
-    python bench/train_step_vs_transformers.py --steps 10 --compile
+    python bench/train_step_vs_transformers.py                  # the machine's native precision
+    python bench/train_step_vs_transformers.py --precision fp32 --steps 5
 
-Both models get the same weights and the same batches; each step is forward under bf16
-autocast, fp32 cross entropy (ours: the fused kernel; transformers: its own recipe, logits
-upcast to fp32 then ``F.cross_entropy``), backward, torch AdamW step, zero_grad. Runs alternate between the
-two models (A B A B ...) so drifts in machine load hit both alike; the median per model is
-reported. Results go to bench/results/train_step_vs_transformers.json with the command, the
-machine and the library versions.
+A step is forward, fp32 cross entropy, backward, AdamW step, zero_grad:
+
+* ours: ``model(tokens, labels)`` through the kernels the registry picks for this device
+  (megatron/model/kernels), AdamW as ``optimizer.adam_implementation: auto`` picks it;
+* transformers: ``BloomForCausalLM`` with its own loss recipe (logits upcast to fp32, then
+  ``F.cross_entropy``) and the AdamW its ``Trainer`` defaults to with torch >= 2.8 (``fused``);
+* ablations: ours with one kernel at a time put back to its reference (only the kernels whose
+  choice on this device differs from the reference), and ours with every kernel at its reference.
+
+The matmul-bound limit: one transformers step runs under a dispatch recorder that notes every
+matrix product (``mm``, ``addmm``, ``bmm``, ``baddbmm``: the whole model's matmul work, forward
+and backward, attention included); each distinct product is then timed alone on random inputs
+of the same shapes, strides and dtype (best of several), and the limit is the sum over the
+step's products of their times. That is the step's matmul FLOPs divided by the throughput this
+machine reaches on exactly those shapes, measured in the same run as the steps.
+
+Precision: ``auto`` is the machine's native one (bf16 autocast where the CPU computes bf16 in
+hardware, fp32 where bf16 would be emulated), decided by megatron/training/precision.py as a
+training run decides it. Models alternate step by step (A B C A B C ...) so machine noise hits
+all alike; medians after warm-up. Results: bench/results/train_step_vs_transformers[_PRECISION].json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import dataclasses
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from megatron.config import ModelConfig  # noqa: E402
+from bench_record import describe_machine, write_result  # noqa: E402
+from megatron.config import ModelConfig, OptimizerConfig  # noqa: E402
 from megatron.convert.hf_mapping import ours_to_hf_state_dict  # noqa: E402
-from megatron.model.bloom import build_model, language_model_loss  # noqa: E402
+from megatron.model.bloom import build_model  # noqa: E402
+from megatron.model.kernels import select_adam, select_kernels  # noqa: E402
+from megatron.training.precision import AUTO, choose_precision  # noqa: E402
+
+aten = torch.ops.aten
+MATMULS = {aten.mm.default: "mm", aten.addmm.default: "addmm", aten.bmm.default: "bmm",
+           aten.baddbmm.default: "baddbmm"}
 
 
-def make_step(forward, optimizer, autocast: bool, fused_loss: bool):
-    """A closure running one full training step on a batch."""
+# --- the matmul-bound limit -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MatmulCall:
+    """One matrix product as dispatched: enough to replay it on random data."""
+
+    op: str
+    tensors: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # (shape, stride) of each tensor argument
+    dtype: torch.dtype
+    scalars: tuple[tuple[str, float], ...]  # beta / alpha of addmm and baddbmm
+
+    @property
+    def flops(self) -> int:
+        """2 m n k (times the batch for bmm/baddbmm): the products' multiply-adds, counted twice."""
+        a, b = self.tensors[-2][0], self.tensors[-1][0]
+        batch = a[0] if len(a) == 3 else 1
+        return 2 * batch * a[-2] * a[-1] * b[-1]
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Counts every matrix product dispatched while active, by :class:`MatmulCall`."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter[MatmulCall] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in MATMULS:
+            tensors = tuple((tuple(t.shape), tuple(t.stride())) for t in args if isinstance(t, torch.Tensor))
+            dtype = next(t.dtype for t in args if isinstance(t, torch.Tensor))
+            self.calls[MatmulCall(MATMULS[func], tensors, dtype, tuple(sorted(kwargs.items())))] += 1
+        return func(*args, **kwargs)
+
+
+def _random_strided(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    storage = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+    return torch.randn(storage, dtype=dtype).as_strided(shape, stride)
+
+
+def time_call(call: MatmulCall, repeats: int) -> float:
+    """Best wall time of ``call`` on random inputs of its shapes, strides and dtype."""
+    args = [_random_strided(shape, stride, call.dtype) for shape, stride in call.tensors]
+    op = getattr(aten, call.op).default
+    kwargs = dict(call.scalars)
+    op(*args, **kwargs)  # warm-up: first-call allocations and oneDNN primitive creation
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        op(*args, **kwargs)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_limit(calls: Counter, repeats: int) -> dict:
+    """The step's matmul FLOPs, the seconds this machine needs for them, and the throughput."""
+    flops = sum(call.flops * n for call, n in calls.items())
+    seconds = sum(time_call(call, repeats) * n for call, n in calls.items())
+    return {"matmul_gflop": flops / 1e9, "limit_seconds": seconds, "gflops_per_second": flops / seconds / 1e9,
+            "distinct_shapes": len(calls), "products": sum(calls.values())}
+
+
+# --- the steps ------------------------------------------------------------------------------
+
+def make_step(loss_fn: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+              autocast: bool) -> Callable[[torch.Tensor], float]:
+    """A closure running one full training step on a batch of ``seq + 1`` tokens per row."""
 
     def step(tokens: torch.Tensor) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = forward(tokens[:, :-1])
-        loss = language_model_loss(logits, tokens[:, 1:], fused=fused_loss)
+            loss = loss_fn(tokens)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -48,18 +138,44 @@ def make_step(forward, optimizer, autocast: bool, fused_loss: bool):
     return step
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+def adamw(params, implementation: str) -> torch.optim.Optimizer:
+    """torch AdamW as our registry's ``implementation`` builds it (its DeepSpeed parameters)."""
+    choice = select_adam(OptimizerConfig(adam_implementation=implementation), "cpu")
+    options = {k: v for k, v in choice.fn().items() if k != "torch_adam"}
+    return torch.optim.AdamW(params, lr=1e-4, **options)
+
+
+def ours_variant(cfg: ModelConfig, state: dict, adam: str, autocast: bool, **overrides):
+    """Our model with ``overrides`` on the model config, the weights ``state``, and its step."""
+    variant_cfg = dataclasses.replace(cfg, **overrides)
+    kernels = select_kernels(variant_cfg, "cpu", torch.bfloat16 if autocast else torch.float32)
+    model = build_model(variant_cfg, kernels=kernels)
+    model.load_state_dict(state)
+    model.train()
+    choice = select_adam(OptimizerConfig(adam_implementation=adam), "cpu")
+    step = make_step(lambda t: model(t[:, :-1], labels=t[:, 1:]), adamw(model.parameters(), adam), autocast)
+    return step, kernels.describe() + f", adamw={choice.name}"
+
+
+def transformers_step(cfg: ModelConfig, state: dict, autocast: bool):
+    """transformers' BloomForCausalLM with our weights, its loss recipe and its Trainer's AdamW."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    hf = BloomForCausalLM(BloomConfig(vocab_size=cfg.padded_vocab_size(), hidden_size=cfg.hidden_size,
+                                      n_layer=cfg.num_layers, n_head=cfg.num_attention_heads, hidden_dropout=0.0,
+                                      attention_dropout=0.0))
+    hf.load_state_dict(ours_to_hf_state_dict(state))
+    hf.train()
+
+    def loss(tokens: torch.Tensor) -> torch.Tensor:
+        logits = hf(tokens[:, :-1]).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+    return make_step(loss, adamw(hf.parameters(), "torch_fused"), autocast), hf
 
 
 def main(argv=None) -> int:
-    """Measure and print ms/step for both models and the ratio."""
+    """Measure the steps, the matmul-bound limit and the ablations; print a table; write JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
@@ -67,36 +183,62 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=6, help="measured steps per model")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our model (inductor)")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench/results/train_step_vs_transformers.json")
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per model")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timings per distinct matmul (best is kept)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: the machine's native precision (as training.bf16=auto decides)")
+    parser.add_argument("--no-ablation", action="store_true", help="only ours (auto) and transformers")
+    parser.add_argument("--output", type=Path, default=None, help="default bench/results/train_step_vs_transformers"
+                                                                  "[_bf16].json")
     args = parser.parse_args(argv)
 
-    from transformers import BloomConfig, BloomForCausalLM
-
+    precision = choose_precision(AUTO if args.precision == "auto" else args.precision == "bf16", False,
+                                 torch.device("cpu"))
+    autocast = precision.bf16
+    print(f"precision: {precision.name} ({precision.reason})", flush=True)
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-                      vocab_size=args.vocab, seq_length=args.seq, init_method_std=0.02)
-    ours = build_model(cfg)
-    hf = BloomForCausalLM(BloomConfig(vocab_size=cfg.padded_vocab_size(), hidden_size=args.hidden,
-                                      n_layer=args.layers, n_head=args.heads, hidden_dropout=0.0,
-                                      attention_dropout=0.0))
-    hf.load_state_dict(ours_to_hf_state_dict(ours.state_dict()))
-    ours.train()
-    hf.train()
-    autocast = not args.fp32
-    forward_ours = torch.compile(ours) if args.compile else ours
-    # Same optimizer for both: torch AdamW with its default (foreach) implementation.
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
-    steps = {
-        "ours": make_step(forward_ours, opt_ours, autocast, fused_loss=True),
-        # transformers' own loss: logits upcast to fp32, then cross entropy (the reference kernel).
-        "transformers": make_step(lambda x: hf(x).logits, opt_hf, autocast, fused_loss=False),
-    }
+                      vocab_size=args.vocab, seq_length=args.seq, init_method_std=0.02, hidden_dropout=0.0,
+                      attention_dropout=0.0)
+    state = build_model(cfg).state_dict()
+
+    steps: dict[str, Callable] = {}
+    kernels: dict[str, str] = {}
+    steps["ours"], kernels["ours"] = ours_variant(cfg, state, "auto", autocast)
+    steps["transformers"], hf = transformers_step(cfg, state, autocast)
+    kernels["transformers"] = "eager attention with a materialised ALiBi bias, fp32 logits, adamw=torch fused"
+    if not args.no_ablation:
+        auto = select_kernels(cfg, "cpu", torch.bfloat16 if autocast else torch.float32)
+        reference = {"attention": {"attention_implementation": "reference"},
+                     "cross_entropy": {"cross_entropy_loss_fusion": False},
+                     "bias_gelu": {"bias_gelu_fusion": False},
+                     "bias_dropout_add": {"bias_dropout_fusion": False}}
+        if auto.attention.name != "sdpa_mask":  # the implementation before the registry
+            steps["ours, attention=sdpa_mask"], kernels["ours, attention=sdpa_mask"] = ours_variant(
+                cfg, state, "auto", autocast, attention_implementation="sdpa_mask")
+        for kernel, overrides in reference.items():
+            if getattr(auto, kernel).name != "reference":
+                name = f"ours, {kernel}=reference"
+                steps[name], kernels[name] = ours_variant(cfg, state, "auto", autocast, **overrides)
+        steps["ours, adamw=torch_for_loop"], kernels["ours, adamw=torch_for_loop"] = ours_variant(
+            cfg, state, "torch_for_loop", autocast)
+        steps["ours, every kernel reference"], kernels["ours, every kernel reference"] = ours_variant(
+            cfg, state, "torch_for_loop", autocast, use_fused_kernels=False)
+
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq + 1)) for _ in range(args.warmup + args.steps)]
+    recorder = MatmulRecorder()
+    with recorder:  # one extra transformers step, recorded, not timed
+        steps["transformers"](batches[0])
+    limit = matmul_limit(recorder.calls, args.repeats)
+    print(f"matmul-bound limit: {limit['matmul_gflop']:.0f} GFLOP in {limit['products']} products "
+          f"({limit['distinct_shapes']} shapes) at {limit['gflops_per_second']:.1f} GFLOP/s = "
+          f"{limit['limit_seconds']:.2f} s", flush=True)
+    ours_recorder = MatmulRecorder()
+    with ours_recorder:
+        steps["ours"](batches[0])
+    ours_gflop = sum(c.flops * n for c, n in ours_recorder.calls.items()) / 1e9
+
     times = {name: [] for name in steps}
     losses = {name: [] for name in steps}
     for i, batch in enumerate(batches):
@@ -105,30 +247,35 @@ def main(argv=None) -> int:
             losses[name].append(step(batch))
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
-    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
-    ratio = ms["transformers"] / ms["ours"]
-    print(f"config: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
-          f"seq {args.seq}, batch {args.batch}, {'fp32' if args.fp32 else 'bf16 autocast'}"
-          f"{', torch.compile' if args.compile else ''}")
+        print(f"  step {i + 1}/{len(batches)} done", flush=True)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+
+    print(f"\nconfig: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, seq "
+          f"{args.seq}, batch {args.batch}, {precision.name}; medians of {args.steps} steps")
+    print(f"{'':<32} {'s/step':>8} {'x limit':>8} {'vs transformers':>16}")
     for name in steps:
-        print(f"{name:>13}: {ms[name]:8.1f} ms/step (median of {args.steps}; all: "
-              f"{', '.join(f'{1000 * t:.0f}' for t in times[name])})")
-    print(f"speed-up of ours over transformers: {ratio:.2f}x")
+        print(f"{name:<32} {seconds[name]:8.2f} {seconds[name] / limit['limit_seconds']:8.2f} "
+              f"{seconds['transformers'] / seconds[name]:15.2f}x")
     print(f"first-step losses: ours {losses['ours'][0]:.6f}, transformers {losses['transformers'][0]:.6f}")
-    result = {
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT),
+    print(f"(ours dispatches {ours_gflop:.0f} GFLOP of plain matmuls; its attention runs inside SDPA)")
+
+    suffix = "" if precision.name == "fp32" else f"_{precision.name}"
+    output = args.output or ROOT / f"bench/results/train_step_vs_transformers{suffix}.json"
+    write_result(output, {
+        "command": "python " + " ".join(["bench/train_step_vs_transformers.py",
                                          *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "python": platform.python_version()},
-        "config": vars(args) | {"output": str(args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT)
-                                              else args.output)},
-        "ms_per_step": ms,
+        "machine": describe_machine(),
+        "config": {k: v for k, v in vars(args).items() if k != "output"} | {"precision": precision.name,
+                                                                               "precision_reason": precision.reason},
+        "matmul_limit": limit,
+        "ours_dispatched_matmul_gflop": ours_gflop,
+        "seconds_per_step": seconds,
+        "x_limit": {name: s / limit["limit_seconds"] for name, s in seconds.items()},
+        "speedup_over_transformers": {name: seconds["transformers"] / s for name, s in seconds.items()},
+        "kernels": kernels,
         "all_step_seconds": times,
-        "speedup": ratio,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+        "first_step_loss": {name: values[0] for name, values in losses.items()},
+    })
     return 0
 
 

@@ -64,6 +64,9 @@ class ModelConfig:
     bias_dropout_fusion: bool = True
     masked_softmax_fusion: bool = True
     cross_entropy_loss_fusion: bool = True
+    # The residual add and the LayerNorm after it in one region (Megatron-DeepSpeed ran apex's
+    # fused LayerNorm kernel unconditionally; torch's native layer_norm is that kernel now).
+    layernorm_fusion: bool = True
     # auto (per device) or an implementation's name from megatron/model/kernels.
     attention_implementation: str = "auto"
 

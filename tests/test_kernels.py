@@ -66,7 +66,7 @@ def test_cross_entropy_matches_reference(dtype, atol, monkeypatch):
 
 
 def test_registry_names_and_errors():
-    assert kernel_names() == ["attention", "bias_dropout_add", "bias_gelu", "cross_entropy"]
+    assert kernel_names() == ["add_layer_norm", "attention", "bias_dropout_add", "bias_gelu", "cross_entropy"]
     with pytest.raises(KeyError, match="unknown kernel implementation softmax/fused"):
         implementation("softmax", "fused")
 
@@ -103,6 +103,25 @@ def test_bias_dropout_add_matches_reference():
     assert torch.equal(fused, residual + torch.nn.functional.dropout(x + bias, 0.5, True))
 
 
+def test_add_layer_norm_matches_the_block_s_two_steps():
+    x, residual = torch.randn(3, 5, 32, requires_grad=True), torch.randn(3, 5, 32, requires_grad=True)
+    bias, weight, ln_bias = (torch.randn(32, requires_grad=True) for _ in range(3))
+    total, normed = elementwise.fused_add_layer_norm(x, bias, residual, weight, ln_bias, 1e-5)
+    expected_total = residual + (x + bias)
+    mean = expected_total.mean(-1, keepdim=True)
+    var = expected_total.var(-1, unbiased=False, keepdim=True)
+    expected = (expected_total - mean) / torch.sqrt(var + 1e-5) * weight + ln_bias  # the LayerNorm formula
+    torch.testing.assert_close(total, expected_total, rtol=0, atol=0)
+    torch.testing.assert_close(normed, expected, rtol=1e-5, atol=1e-5)
+    (normed.square().sum() + total.sum()).backward()
+    grads = [t.grad.clone() for t in (x, residual, bias, weight, ln_bias)]
+    for t in (x, residual, bias, weight, ln_bias):
+        t.grad = None
+    (expected.square().sum() + expected_total.sum()).backward()
+    for got, t in zip(grads, (x, residual, bias, weight, ln_bias)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_selection_follows_the_config_and_refuses_what_cannot_run():
     cpu = select_kernels(ModelConfig(), "cpu")
     assert (cpu.attention.name, cpu.cross_entropy.name) == ("sdpa_chunked", "chunked")
@@ -111,6 +130,10 @@ def test_selection_follows_the_config_and_refuses_what_cannot_run():
     cuda = select_kernels(ModelConfig(), "cuda")
     assert (cuda.bias_gelu.name, cuda.bias_dropout_add.name, cuda.cross_entropy.name) == ("fused", "fused",
                                                                                           "fused_linear")
+    assert (cpu.add_layer_norm.name, cuda.add_layer_norm.name) == ("reference", "fused")
+    dropout = select_kernels(ModelConfig(hidden_dropout=0.1), "cuda").add_layer_norm
+    assert dropout.name == "reference" and "model.hidden_dropout=0.1" in dropout.reason
+    assert select_kernels(ModelConfig(layernorm_fusion=False), "cuda").add_layer_norm.name == "reference"
     off = select_kernels(ModelConfig(bias_gelu_fusion=False, masked_softmax_fusion=False), "cuda")
     assert (off.bias_gelu.name, off.attention.name) == ("reference", "reference")
     assert "model.bias_gelu_fusion=false" in off.describe()
@@ -140,7 +163,8 @@ def test_model_with_fused_elementwise_kernels_equals_the_reference_model():
     cpu = select_kernels(cfg, "cpu")
     fused = dataclasses.replace(
         cpu, bias_gelu=KernelChoice("bias_gelu", "fused", "test", elementwise.fused_bias_gelu),
-        bias_dropout_add=KernelChoice("bias_dropout_add", "fused", "test", elementwise.fused_bias_dropout_add))
+        bias_dropout_add=KernelChoice("bias_dropout_add", "fused", "test", elementwise.fused_bias_dropout_add),
+        add_layer_norm=KernelChoice("add_layer_norm", "fused", "test", elementwise.fused_add_layer_norm))
     model = build_model(cfg, seed=1, kernels=fused)
     with torch.no_grad():
         for p in reference.parameters():

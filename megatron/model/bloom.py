@@ -189,6 +189,9 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(cfg, kernels, tp_group, sequence_parallel, generator)
         self.fused_bias_dropout_add = kernels.bias_dropout_add.name != "reference"
         self.bias_dropout_add = kernels.bias_dropout_add.fn
+        # The first residual add and the post-attention LayerNorm in one kernel (no dropout).
+        self.fused_add_layer_norm = kernels.add_layer_norm.name != "reference"
+        self.add_layer_norm = kernels.add_layer_norm.fn
         self.hidden_dropout = cfg.hidden_dropout
         self.rng_tracker = rng_tracker
         # The residual stream is duplicated across TP ranks, or split over them by sequence.
@@ -206,8 +209,16 @@ class BloomBlock(nn.Module):
             return self.bias_dropout_add(output, bias, residual, p, self.training)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = self._residual(self.self_attention(self.input_layernorm(hidden)), hidden)
-        return self._residual(self.mlp(self.post_attention_layernorm(hidden)), hidden)
+        branch = self.self_attention(self.input_layernorm(hidden))
+        if self.fused_add_layer_norm and not (self.training and self.hidden_dropout > 0.0):
+            output, bias = branch if self.fused_bias_dropout_add else (branch, None)
+            weight, ln_bias = self.post_attention_layernorm.affine()
+            hidden, normed = self.add_layer_norm(output, bias, hidden, weight, ln_bias,
+                                                 self.post_attention_layernorm.eps)
+        else:
+            hidden = self._residual(branch, hidden)
+            normed = self.post_attention_layernorm(hidden)
+        return self._residual(self.mlp(normed), hidden)
 
 
 def lm_head_input(hidden: torch.Tensor, embedding: StableEmbedding) -> torch.Tensor:

@@ -271,11 +271,16 @@ class SequenceParallelLayerNorm(nn.LayerNorm):
         for param in self.parameters():
             param.sequence_parallel = self.sequence_parallel
 
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and bias as the forward uses them (under sequence parallelism through f, whose
+        backward all-reduces the partial gradients): for kernels that apply this LayerNorm themselves."""
+        if not self.sequence_parallel:
+            return self.weight, self.bias
+        return (copy_to_tensor_model_parallel_region(self.weight, self.tp_group),
+                copy_to_tensor_model_parallel_region(self.bias, self.tp_group))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if self.sequence_parallel:
-            weight = copy_to_tensor_model_parallel_region(weight, self.tp_group)
-            bias = copy_to_tensor_model_parallel_region(bias, self.tp_group)
+        weight, bias = self.affine()
         if self.compute_in_fp32 and x.dtype != torch.float32:
             return F.layer_norm(x.float(), self.normalized_shape, weight.float(), bias.float(), self.eps).to(x.dtype)
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)

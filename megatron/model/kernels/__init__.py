@@ -7,7 +7,7 @@ each kernel runs is chosen once per device when the model is built.
 
 The switches are Megatron's where Megatron has one (``model.bias_gelu_fusion``,
 ``model.bias_dropout_fusion``, ``model.masked_softmax_fusion``, Megatron-core's
-``model.cross_entropy_loss_fusion``), plus ``model.attention_implementation`` (``auto`` or a
+``model.cross_entropy_loss_fusion``), plus ``model.layernorm_fusion``, ``model.attention_implementation`` (``auto`` or a
 name below) and ``model.use_fused_kernels``, which turns every kernel to its reference at once
 (debugging, kernel tests). ``auto`` picks per device; a named implementation the device cannot
 run is refused with the reason, as Megatron-DeepSpeed's
@@ -24,6 +24,9 @@ Kernels and implementations:
                       the cost of recomputing them in the backward)
     bias_gelu         reference (add, then torch's gelu), fused (one region, analytic backward)
     bias_dropout_add  reference (three ops), fused (one region without dropout)
+    add_layer_norm    the residual add + the LayerNorm after it, (x, bias, residual, weight,
+                      ln_bias, eps) -> (sum, normalised): reference (two ops), fused (one region;
+                      without hidden dropout, whose mask comes between the two)
 
 The optimizer's AdamW is chosen here too (``optimizer.adam_implementation``), as the parameters
 DeepSpeed builds it from: torch's ``fused=True`` kernel (CPU and CUDA), its multi-tensor
@@ -81,6 +84,10 @@ IMPLEMENTATIONS: dict[str, dict[str, Implementation]] = {
         "reference": Implementation(elementwise.reference_bias_dropout_add),
         "fused": Implementation(elementwise.fused_bias_dropout_add),
     },
+    "add_layer_norm": {
+        "reference": Implementation(elementwise.reference_add_layer_norm),
+        "fused": Implementation(elementwise.fused_add_layer_norm),
+    },
 }
 
 
@@ -102,6 +109,7 @@ class Kernels:
     cross_entropy: KernelChoice
     bias_gelu: KernelChoice
     bias_dropout_add: KernelChoice
+    add_layer_norm: KernelChoice
 
     def describe(self) -> str:
         """One line: ``kernels: attention=sdpa_mask (auto on cpu), ...``."""
@@ -171,7 +179,17 @@ def select_kernels(cfg: ModelConfig, device_type: str, dtype: torch.dtype = torc
                           _ELEMENTWISE_DEVICES),
         bias_dropout_add=_switch("bias_dropout_add", cfg.bias_dropout_fusion, "bias_dropout_fusion", device_type,
                                  cfg, dtype, "fused", _ELEMENTWISE_DEVICES),
+        add_layer_norm=_add_layer_norm_choice(cfg, device_type, dtype),
     )
+
+
+def _add_layer_norm_choice(cfg: ModelConfig, device_type: str, dtype: torch.dtype) -> KernelChoice:
+    # Hidden dropout draws its mask between the branch and the residual add: nothing to fuse.
+    if cfg.layernorm_fusion and cfg.use_fused_kernels and cfg.hidden_dropout > 0.0:
+        return _choice("add_layer_norm", "reference", f"model.hidden_dropout={cfg.hidden_dropout}: the dropout mask "
+                       "comes between the add and the LayerNorm", device_type, cfg, "layernorm_fusion", dtype)
+    return _switch("add_layer_norm", cfg.layernorm_fusion, "layernorm_fusion", device_type, cfg, dtype, "fused",
+                   _ELEMENTWISE_DEVICES)
 
 
 def _needs_cuda(device_type: str, cfg: object, dtype: Optional[torch.dtype]) -> Optional[str]:

@@ -1,4 +1,5 @@
-"""Megatron's fused elementwise blocks: bias + GeLU(tanh) and bias + dropout + residual add.
+"""Megatron's fused elementwise blocks: bias + GeLU(tanh), bias + dropout + residual add, and
+the residual add + LayerNorm.
 
 The column-parallel ``dense_h_to_4h`` and the row-parallel output projections hand over their
 output and their bias separately (``skip_bias_add``), so the bias add joins the next
@@ -12,6 +13,11 @@ elementwise step instead of taking a pass over the activation of its own.
 * ``bias_dropout_add``: ``residual + dropout(x + bias)``; the dropout mask comes from
   ``torch.nn.functional.dropout`` under the caller's random-stream context, so the TP stream
   and activation recompute see exactly the masks of the unfused path.
+* ``add_layer_norm``: ``(h, LayerNorm(h))`` with ``h = residual + x + bias``, the block's first
+  residual add and the post-attention LayerNorm. Compiled on CUDA, one kernel reads ``x``, the
+  bias and the residual once and writes ``h`` and the normalised output (the eager path reads
+  ``h`` back for the LayerNorm), and AOTAutograd fuses the backward the same way. Without
+  dropout only: a dropout mask must be drawn between the add and the bias.
 
 The references are the plain PyTorch expressions the unfused model runs.
 """
@@ -107,3 +113,17 @@ def fused_bias_dropout_add(x: torch.Tensor, bias: Optional[torch.Tensor], residu
 
 def _add3(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return residual + (x + bias)
+
+
+def reference_add_layer_norm(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+                             weight: torch.Tensor, ln_bias: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = residual + (x + bias)`` and ``layer_norm(h)``, as the unfused block computes them."""
+    total = residual + (x if bias is None else x + bias)
+    return total, F.layer_norm(total, total.shape[-1:], weight, ln_bias, eps)
+
+
+def fused_add_layer_norm(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+                         weight: torch.Tensor, ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same pair, computed in one compiled region where a compiler runs (CUDA), else eagerly."""
+    return _maybe_compiled(reference_add_layer_norm, x)(x, bias, residual, weight, ln_bias, eps)
