@@ -19,13 +19,21 @@ def worker(rank: int, body: dict, out_dir: str) -> None:
     pretrain(config_from_dict(body), on_finish=save_local_weights(out_dir, body["model"]["num_layers"]))
 
 
-def run(tmp_path, corpus, tp, pp, dp, **sections):
+def fused_head_worker(rank: int, body: dict, out_dir: str) -> None:
+    """:func:`worker` with the LM head + loss the registry picks on CUDA (fused_linear), on CPU."""
+    import megatron.model.kernels as kernels
+
+    kernels._FUSED_HEAD_DEVICES = ("cuda", "cpu")
+    worker(rank, body, out_dir)
+
+
+def run(tmp_path, corpus, tp, pp, dp, target=worker, **sections):
     sections.setdefault("parallel", {}).update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     sections.setdefault("training", {}).update(train_iters=STEPS)
     sections.setdefault("logging", {}).update(eval_interval=0)
     body = tiny_run(tmp_path, corpus, **sections)
     world = tp * pp * dp
-    run_ranks(worker, world, (body, str(tmp_path)), timeout=600)
+    run_ranks(target, world, (body, str(tmp_path)), timeout=600)
     losses = train_losses(tmp_path / "run")
     return losses, gathered_weights(tmp_path, world)
 
@@ -64,5 +72,15 @@ def test_layout_matches_single_process(layout, sections, corpus, reference, tmp_
     assert len(losses) == len(ref_losses) == STEPS
     assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= 1e-5, (losses, ref_losses)
     assert set(weights) == set(ref_weights)
+    for name, tensor in ref_weights.items():
+        assert (weights[name] - tensor).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.slow
+def test_pipeline_with_the_fused_lm_head_matches_single_process(corpus, reference, tmp_path):
+    """TP2 x PP2: the last stage's loss_fn runs the head matmul in token chunks (no logits)."""
+    ref_losses, ref_weights = reference
+    losses, weights = run(tmp_path, corpus, 2, 2, 1, target=fused_head_worker)
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= 1e-5, (losses, ref_losses)
     for name, tensor in ref_weights.items():
         assert (weights[name] - tensor).abs().max().item() <= 1e-5, name

@@ -8,6 +8,13 @@
     index L+4      FinalLayerNormPipe
     index L+5      EmbeddingPipe again, as the LM head (saved with index 1)
 
+The LM head's matmul runs inside DeepSpeed's ``loss_fn``, which the last stage calls on the
+last layer's output: the head layer hands over the hidden state, and ``loss_fn`` applies the
+registry's LM head + loss (``cross_entropy``) to it with that layer's tied weight, so the
+pipeline, like the single-stage model, never forms the [tokens, vocab] logits when the fused
+kernel is chosen. The weight's gradient accumulates in the tied parameter as the logits' did,
+and DeepSpeed's tied-weight all-reduce then joins it with the first stage's.
+
 The identity entries are kept only so the layer indices, and therefore the checkpoint file
 names (``layer_01``, ``layer_03``..., ``layer_{L+4}``), are BLOOM's own. Class names matter:
 the partition method ``type:transformer|embedding`` balances the layers whose class name
@@ -22,13 +29,13 @@ import torch
 
 from megatron.config import Config
 from megatron.core.tensor_parallel import SequenceParallelLayerNorm
-from megatron.model.bloom import BloomBlock, BloomEmbedding, language_model_loss, lm_head_logits
-from megatron.model.kernels import Kernels
+from megatron.model.bloom import BloomBlock, BloomEmbedding, lm_head_loss
+from megatron.model.kernels import Kernels, select_kernels
 from megatron.model.layout import EMBEDDING_INDEX, TIED_EMBEDDING_KEY, block_index, final_layernorm_index, lm_head_index
 
 
 class EmbeddingPipe(BloomEmbedding):
-    """The embedding stage; as the last layer it computes logits through the same weight."""
+    """The embedding stage; as the last layer it holds the tied weight the loss's LM head uses."""
 
 
 class TransformerLayerPipe(BloomBlock):
@@ -44,7 +51,8 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 def _lm_head(module: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
-    return lm_head_logits(hidden, module.word_embeddings)
+    # The head's matmul belongs to the loss (module docstring): hand the hidden state over.
+    return hidden
 
 
 def layer_specs(cfg: Config, tp_group=None, seed: int = 0, rng_tracker=None, kernels: Optional[Kernels] = None) -> list:
@@ -86,15 +94,16 @@ def build_pipeline_model(cfg: Config, parallel, seed: int, rng_tracker=None, ker
 
     t = cfg.training
     tp_group = parallel.tp_group_or_none
-    # The last stage forms the logits (its layer returns them to DeepSpeed's loss_fn), so the
-    # loss runs from logits: the chunked cross entropy unless the switches ask for the reference.
-    fused = cfg.model.use_fused_kernels and cfg.model.cross_entropy_loss_fusion
+    head = (kernels or select_kernels(cfg.model, "cpu")).cross_entropy.fn
+    pipe: Optional[PipelineModule] = None
 
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return language_model_loss(logits, labels, fused=fused, tp_group=tp_group)
+    def loss_fn(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Called on the last stage only, which holds the tied embedding (its LM head layer).
+        embedding = pipe.tied_modules[TIED_EMBEDDING_KEY].word_embeddings
+        return lm_head_loss(hidden, embedding, labels, head)
 
     extra = {"activation_checkpoint_func": rng_tracker.checkpoint} if rng_tracker is not None else {}
-    return PipelineModule(
+    pipe = PipelineModule(
         layers=layer_specs(cfg, tp_group, seed, rng_tracker, kernels),
         loss_fn=loss_fn,
         topology=parallel.deepspeed_topology(),
@@ -103,6 +112,7 @@ def build_pipeline_model(cfg: Config, parallel, seed: int, rng_tracker=None, ker
         checkpointable_layers=[TransformerLayerPipe.__name__],
         **extra,
     )
+    return pipe
 
 
 def stage_partition(cfg: Config) -> list[tuple[int, int]]:

@@ -5,8 +5,8 @@ returns the loss (through the LM head + loss the kernel registry chose for the m
 without forming the logits), ``backward`` and ``step`` per micro-batch; DeepSpeed accumulates gradients and applies the
 update at the accumulation boundary. ``PipelineSteps`` hands the micro-batches to DeepSpeed's
 pipeline engine, whose ``train_batch`` runs the 1F1B schedule over all of them and returns the
-loss averaged over micro-batches and data-parallel ranks on every stage. Its last stage still
-forms the logits: the loss is the ``PipelineModule``'s ``loss_fn`` of the last layer's output.
+loss averaged over micro-batches and data-parallel ranks on every stage. On its last stage the
+``PipelineModule``'s ``loss_fn`` applies the same LM head + loss to the last layer's output.
 
 Both return the mean loss over the global batch as seen by this rank's data-parallel group.
 """
