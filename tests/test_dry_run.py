@@ -21,6 +21,13 @@ EXPECTED = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_launcher_world(monkeypatch):
+    """An in-process training test earlier in the session leaves WORLD_SIZE=1 in os.environ
+    (what the launcher would set), which a dry run reads as its world size."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
 @pytest.mark.parametrize("size", EXPECTED)
 def test_dry_run_counts(size, capsys):
     assert pretrain_bloom.main(["--config", str(CONFIGS / f"bloom-{size}.yaml"), "--dry-run"]) == 0
