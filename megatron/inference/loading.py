@@ -1,0 +1,108 @@
+"""Load any checkpoint into our model for inference, at the tensor-parallel size of this run.
+
+    loaded = load_for_inference("runs/tiny/checkpoints", parallel=ParallelState.single())
+    logits = loaded.model(input_ids)
+
+Accepted checkpoints, recognised by what the directory holds:
+
+- one of ours: a save root (``latest``, or ``step``, picks the tag) or a ``global_stepN`` folder,
+  saved at any TP x PP x DP layout and ZeRO stage; only its layer files are read
+  (megatron.checkpoint.layer_files), merged and re-split for this run's TP size;
+- bare layer files (a ``global_stepN`` folder without engine state: an import, or one of BLOOM's
+  published training checkpoints);
+- a transformers BLOOM folder (``config.json`` + weights): imported at TP=1 into a temporary
+  directory with megatron.convert.from_hf (one layer at a time), then loaded as above.
+
+The model's shape comes from ``config`` (our YAML), else from the config found with the
+checkpoint (megatron.convert.to_hf.resolve_config); the padded vocabulary from the embedding
+file itself, so a checkpoint trained at another TP size (another padding) still loads.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron.checkpoint.layer_files import LayerFileSet, load_layer_files_into, resolve_checkpoint_dir
+from megatron.checkpoint.layout import iteration_of
+from megatron.config import Config
+from megatron.convert.to_hf import _check_against_files, resolve_config
+from megatron.core.parallel_state import ParallelState
+from megatron.errors import ConversionError
+from megatron.model.bloom import BloomForCausalLM, build_model
+from megatron.model.kernels import select_kernels
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, and where it came from."""
+
+    model: BloomForCausalLM
+    cfg: Config
+    checkpoint_dir: Path  # the global_stepN folder read, or the transformers folder
+    step: Optional[int]  # N of global_stepN; None for a transformers folder
+    source: str  # "ours" or "transformers"
+    config_source: str
+    tokenizer: Optional[str]  # a tokenizer.json found with the checkpoint, or the config's
+
+
+def is_transformers_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a transformers folder (``config.json`` and no layer files)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not any(path.glob("layer_*-model_*-model_states.pt"))
+
+
+def _tokenizer_near(cfg: Config, *places: Path) -> Optional[str]:
+    for place in places:
+        if (place / "tokenizer.json").is_file():
+            return str(place / "tokenizer.json")
+    tokenizer = cfg.data.tokenizer
+    return tokenizer if tokenizer and Path(tokenizer).exists() else None
+
+
+def load_for_inference(checkpoint: str | os.PathLike, parallel: ParallelState, *, config: Optional[str] = None,
+                       step: Optional[int] = None, device: str | torch.device = "cpu",
+                       progress: bool = False) -> LoadedModel:
+    """Build our model for this rank (TP from ``parallel``; no pipeline) and fill it from
+    ``checkpoint`` (see the module docstring for what may be given). Raises ConversionError or
+    ConfigError naming the file or field to fix."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ConversionError(f"checkpoint {path} does not exist: pass a save root, a global_stepN folder or a "
+                              "transformers BLOOM folder")
+    if is_transformers_folder(path):
+        from megatron.convert.from_hf import import_from_hf
+
+        # Each rank imports for itself (at TP=1, re-split below): ranks on other nodes do not see
+        # this node's temporary files. Deleted once the weights are in the model.
+        with tempfile.TemporaryDirectory(prefix="bloom-import-") as scratch:
+            summary = import_from_hf(path, Path(scratch) / "import", tp=1, pp=1, dtype="fp32", progress=progress)
+            model = _build_and_load(summary.config, summary.checkpoint_dir, str(path / "config.json"), parallel,
+                                    device)
+        return LoadedModel(model, summary.config, path, None, "transformers", str(path / "config.json"),
+                           _tokenizer_near(summary.config, path))
+    directory = resolve_checkpoint_dir(path, step)
+    cfg, config_source = resolve_config(config, directory)
+    model = _build_and_load(cfg, directory, config_source, parallel, device)
+    return LoadedModel(model, cfg, directory, iteration_of(directory), "ours", config_source,
+                       _tokenizer_near(cfg, directory, directory.parent))
+
+
+def _build_and_load(cfg: Config, directory: Path, config_source: str, parallel: ParallelState,
+                    device: str | torch.device) -> BloomForCausalLM:
+    files = LayerFileSet.discover(directory)
+    padded = _check_against_files(cfg, files, config_source)
+    tp = parallel.tp_size
+    if padded % tp or cfg.model.num_attention_heads % tp:
+        raise ConversionError(f"{directory}: a padded vocabulary of {padded} rows and "
+                              f"{cfg.model.num_attention_heads} heads cannot be split over tensor-parallel size {tp}: "
+                              "run with a TP size that divides both")
+    model = build_model(cfg.model, padded, device=device, tp_group=parallel.tp_group_or_none,
+                        kernels=select_kernels(cfg.model, torch.device(device).type, torch.float32))
+    load_layer_files_into(model, directory, parallel, cfg.model.num_layers)
+    return model.eval()
