@@ -71,29 +71,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _parallel(tp: int):
-    """This process's ParallelState: a world of one, or the torchrun world split as TP x DP."""
-    from megatron.core.parallel_state import ParallelState
-
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        if tp != 1:
-            raise ValueError(f"--tensor-model-parallel-size {tp} needs {tp} processes or a multiple: launch with "
-                             f"torchrun --nproc-per-node {tp}")
-        return ParallelState.single(), False
-    from megatron.core.distributed import init_distributed
-
-    info = init_distributed()
-    if info.world_size % tp:
-        raise ValueError(f"{info.world_size} processes cannot be split into TP groups of {tp}: "
-                         f"launch a multiple of {tp}")
-    return ParallelState(info.world_size, info.rank, tp, 1), True
-
-
 def evaluate(args: argparse.Namespace) -> dict:
     """Load, evaluate every source, print the table on rank 0; returns the JSON report."""
     import torch
     from tqdm import tqdm
 
+    from megatron.core.distributed import shutdown_distributed
     from megatron.data.tokenizer import load_tokenizer
     from megatron.inference.evaluation import (
         EvaluationDataError,
@@ -104,13 +87,13 @@ def evaluate(args: argparse.Namespace) -> dict:
         results_json,
         token_stream,
     )
-    from megatron.inference.loading import load_for_inference
+    from megatron.inference.loading import inference_parallel_state, load_for_inference
 
     sources = [parse_data_source(spec) for spec in args.data]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise EvaluationDataError(f"--data names {names} repeat a name: give each NAME=PATH a different NAME")
-    parallel, distributed = _parallel(args.tensor_model_parallel_size)
+    parallel, distributed = inference_parallel_state(args.tensor_model_parallel_size)
     try:
         rank0 = parallel.rank == 0
         loaded = load_for_inference(args.checkpoint, parallel, config=args.config, step=args.step,
@@ -159,8 +142,6 @@ def evaluate(args: argparse.Namespace) -> dict:
         return report
     finally:
         if distributed:
-            from megatron.core.distributed import shutdown_distributed
-
             shutdown_distributed()
 
 

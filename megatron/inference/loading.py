@@ -106,3 +106,21 @@ def _build_and_load(cfg: Config, directory: Path, config_source: str, parallel: 
                         kernels=select_kernels(cfg.model, torch.device(device).type, torch.float32))
     load_layer_files_into(model, directory, parallel, cfg.model.num_layers)
     return model.eval()
+
+
+def inference_parallel_state(tp: int) -> tuple[ParallelState, bool]:
+    """This process's ParallelState for the inference tools, and whether a process group was
+    started (the caller then ends it with ``shutdown_distributed``): a world of one without any
+    process group, or the launcher's world (torchrun, srun) split as TP x DP, without a pipeline."""
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) == 1:
+        if tp != 1:
+            raise ValueError(f"tensor-parallel size {tp} needs {tp} processes or a multiple: launch with "
+                             f"torchrun --nproc-per-node {tp}")
+        return ParallelState.single(), False
+    from megatron.core.distributed import init_distributed
+
+    info = init_distributed()
+    if info.world_size % tp:
+        raise ValueError(f"{info.world_size} processes cannot be split into TP groups of {tp}: "
+                         f"launch a multiple of {tp}")
+    return ParallelState(info.world_size, info.rank, tp, 1), True
