@@ -123,6 +123,10 @@ class TrainingConfig:
     # Iterations ("START-END", inclusive, counted from 1) whose data is consumed without training.
     skip_train_iteration_range: list[str] = field(default_factory=list)
     max_consecutive_skipped_steps: int = 10
+    # Megatron-DeepSpeed's --eval-only: load the checkpoint, evaluate the run's validation sets (the
+    # blend and every language), log them at the checkpoint's iteration, and exit without training
+    # or saving. tools/evaluate.py does the same on any held-out data.
+    eval_only: bool = False
 
 
 @dataclass

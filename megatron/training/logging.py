@@ -199,6 +199,16 @@ def format_valid_line(step: int, scalars: dict[str, float], evaluated_languages:
             f"ppl {scalars['validation ppl']:.2f} (blend; {evaluated_languages} of {languages} languages evaluated)")
 
 
+def format_valid_table(scalars: dict[str, float]) -> str:
+    """Every validation set of :func:`valid_scalars`, one line each: the blend first, then the
+    languages (what an evaluation-only run prints)."""
+    rows = [(key.removesuffix(" loss").removeprefix("validation/").replace("validation", "blend"), value,
+             scalars[key.removesuffix(" loss") + " ppl"]) for key, value in scalars.items() if key.endswith(" loss")]
+    width = max(len(name) for name, _, _ in rows)
+    return "\n".join([f"{'set'.ljust(width)}  {'loss':>8}  {'ppl':>10}"] +
+                     [f"{name.ljust(width)}  {loss:8.4f}  {ppl:10.3f}" for name, loss, ppl in rows])
+
+
 def format_train_line(step: int, total_steps: int, scalars: dict[str, Any], consumed_samples: int,
                       consumed_tokens: int) -> str:
     """One console line in Megatron-DeepSpeed's format (BLOOM's logs), plus MFU when known."""
