@@ -103,7 +103,7 @@ def test_lock_file_is_sorted_with_a_header():
 
 def test_the_test_venv_matches_the_lock():
     result = _run([sys.executable, CHECK_LOCK, "--constraints", LOCK, "--pyproject", PYPROJECT,
-                   "--extras", "test,plot", "--project"])
+                   "--extras", "test,plot,wandb", "--project"])
     assert (result.returncode, result.stdout) == (0, ""), \
         f"the venv differs from {LOCK.name}; bash scripts/setup.sh repairs it:\n{result.stderr}"
 

@@ -29,7 +29,7 @@ from megatron.training.data import build_training_data
 from megatron.training.engine import build_engine
 from megatron.training.environment import describe_environment, write_environment
 from megatron.training.lifecycle import RunLifecycle, job_start_time
-from megatron.training.logging import MetricsLogger, console
+from megatron.training.logging import MetricsLogger, WandbSettings, console
 from megatron.training.precision import announce, resolve_precision
 from megatron.training.schedules import BatchSizeRampup
 from megatron.training.trainer import Trainer, TrainState
@@ -82,7 +82,7 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
     engine_for = functools.partial(build_engine, cfg, model, parallel.dp_size, rampup(0),
                                    mpu=None if parallel.pp_enabled else parallel)
     resumed = checkpointer.resume(engine_for, search=weights_only is None)
-    logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard_dir, info.rank)
+    logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard_dir, info.rank, WandbSettings.from_config(cfg))
     try:
         trainer = Trainer(cfg, info, parallel, resumed, data, logger, checkpointer, lifecycle)
         state = trainer.train()
