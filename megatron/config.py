@@ -209,7 +209,8 @@ class LoggingConfig:
     wandb_project: Optional[str] = None
     wandb_exp_name: Optional[str] = None
     wandb_save_dir: Optional[str] = None
-    # Prompts whose greedy continuation is printed at the end of training (demo runs).
+    # The prompts tools/generate.py continues when given none (scripts/demo.sh runs it after training),
+    # and how many tokens it generates by default.
     sample_prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 24
     # Peak dense bf16 FLOP/s of one device, for MFU (A100: 312e12).
