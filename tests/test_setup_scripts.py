@@ -138,7 +138,8 @@ def test_an_unusable_lock_is_refused_with_the_fix(tmp_path, text, message):
 # --- (b) --help texts ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("script, flag", [("setup.sh", "--help"), ("setup.sh", "-h"), ("test.sh", "--help"),
-                                          ("demo.sh", "--help"), ("demo.sh", "-h"), ("lock.sh", "--help")])
+                                          ("demo.sh", "--help"), ("demo.sh", "-h"), ("lock.sh", "--help"),
+                                          ("flax_check.sh", "--help")])
 def test_help_prints_usage_and_does_nothing_else(tmp_path, script, flag):
     venv = tmp_path / "venv"
     cwd = tmp_path / "cwd"
