@@ -1,5 +1,5 @@
-"""tools/evaluate.py and tools/generate.py under torchrun: TP=2 and DP=2 give what one process
-gives (the checkpoint's TP=2 files re-split or merged as needed)."""
+"""tools/evaluate.py and tools/generate.py under torchrun: TP=2, DP=2 and (evaluation) PP=2 give
+what one process gives (the checkpoint's TP=2 files re-split or merged as needed)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ def torchrun(tool: str, nproc: int, *args: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_evaluate_and_generate_at_tp2_and_dp2_equal_one_process(setup, tmp_path):  # noqa: F811
+def test_evaluate_and_generate_at_tp2_dp2_pp2_equal_one_process(setup, tmp_path):  # noqa: F811
     root, _ = setup
-    data = ["--data", f"fr={root / 'fr.jsonl'}", "--data", str(root / "sw_text_document"), "--max-windows", "7",
+    data = ["--data", f"fr={root / 'fr.jsonl'}", "--data", str(root / "sw_text_document"), "--max-windows", "7", "--seq-length", "32",
             "--micro-batch-size", "2", "--quiet"]
     assert load_tool("evaluate").main(["--checkpoint", str(root / "ckpt"), *data,
                                        "--output", str(tmp_path / "one.json")]) == 0
@@ -40,6 +40,18 @@ def test_evaluate_and_generate_at_tp2_and_dp2_equal_one_process(setup, tmp_path)
         for lang in ("fr", "sw"):
             assert other["languages"][lang]["tokens"] == one["languages"][lang]["tokens"]
             assert other["languages"][lang]["loss"] == pytest.approx(one["languages"][lang]["loss"], abs=1e-5)
+
+    # PP=2: DeepSpeed's pipeline engine, whole micro-batches only (6 of the 7 windows).
+    six = [*data[:4], "--max-windows", "6", "--seq-length", "32", "--micro-batch-size", "2", "--quiet"]
+    assert load_tool("evaluate").main(["--checkpoint", str(root / "ckpt"), *six,
+                                       "--output", str(tmp_path / "one6.json")]) == 0
+    torchrun("evaluate", 2, "--checkpoint", str(root / "ckpt"), "--pipeline-model-parallel-size", "2", *data,
+             "--output", str(tmp_path / "pp2.json"))
+    one6, pp2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one6", "pp2"))
+    assert pp2["layout"] == {"tp": 1, "pp": 2, "dp": 1}
+    for lang in ("fr", "sw"):
+        assert pp2["languages"][lang]["tokens"] == one6["languages"][lang]["tokens"] == 6 * 32
+        assert pp2["languages"][lang]["loss"] == pytest.approx(one6["languages"][lang]["loss"], abs=1e-5)
 
     prompts = ["--prompt", "Tous les êtres humains naissent", "--prompt", "def __init__(self", "--max-new-tokens", "10",
                "--quiet"]

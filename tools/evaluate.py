@@ -15,10 +15,13 @@ one (Megatron's samples, unshuffled; the last partial window is left out), so ev
 the first is predicted once; the loss is the mean next-token cross entropy over those tokens
 and the perplexity its exponential (megatron/inference/evaluation.py).
 
-Tensor parallelism: launch several processes, e.g.
+Parallelism: launch several processes, e.g.
     torchrun --nproc-per-node 4 tools/evaluate.py --tensor-model-parallel-size 2 ...
 runs TP=2 x DP=2 (the checkpoint is re-split for TP=2 whatever layout saved it; windows are
-shared out over DP). Evaluation runs without a pipeline (PP=1): each TP group holds every layer.
+shared out over DP). --pipeline-model-parallel-size P splits the layers into P stages run by
+DeepSpeed's pipeline engine (one of our checkpoints; each DP rank then evaluates whole
+micro-batches only, so up to micro-batch x DP - 1 trailing windows per language are left out).
+A GPU is used when there is one (LOCAL_RANK's).
 
 Exit status: 0 on success, 1 when the checkpoint, config or data cannot be used (the message
 says what to fix), 2 on bad arguments.
@@ -60,10 +63,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="evaluate at most this many windows per language (default: all)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
                         help="TP size; the processes launched (torchrun) must be a multiple of it (default 1)")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                        help="PP size: the model's layers split into this many stages, run by DeepSpeed's pipeline "
+                             "engine (our checkpoints only; default 1)")
     parser.add_argument("--output", default=None, help="write the JSON report here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (none either off a terminal)")
     args = parser.parse_args(argv)
-    for name in ("micro_batch_size", "tensor_model_parallel_size"):
+    for name in ("micro_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_windows is not None and args.max_windows < 1:
@@ -73,7 +79,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Load, evaluate every source, print the table on rank 0; returns the JSON report."""
-    import torch
     from tqdm import tqdm
 
     from megatron.core.distributed import shutdown_distributed
@@ -87,22 +92,38 @@ def evaluate(args: argparse.Namespace) -> dict:
         results_json,
         token_stream,
     )
-    from megatron.inference.loading import inference_parallel_state, load_for_inference
+    from megatron.inference.loading import (
+        inference_device,
+        inference_parallel_state,
+        load_for_inference,
+        load_pipeline_for_evaluation,
+    )
 
     sources = [parse_data_source(spec) for spec in args.data]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise EvaluationDataError(f"--data names {names} repeat a name: give each NAME=PATH a different NAME")
-    parallel, distributed = inference_parallel_state(args.tensor_model_parallel_size)
+    parallel, distributed = inference_parallel_state(args.tensor_model_parallel_size,
+                                                     args.pipeline_model_parallel_size)
     try:
         rank0 = parallel.rank == 0
-        loaded = load_for_inference(args.checkpoint, parallel, config=args.config, step=args.step,
-                                    progress=rank0 and show_progress(args.quiet))
+        device = inference_device()
+        if parallel.pp_enabled:
+            loaded = load_pipeline_for_evaluation(args.checkpoint, parallel, args.micro_batch_size,
+                                                  config=args.config, step=args.step, device=device)
+            loss_fn, vocab = loaded.loss, loaded.cfg.padded_vocab_size
+        else:
+            loaded = load_for_inference(args.checkpoint, parallel, config=args.config, step=args.step,
+                                        device=device, progress=rank0 and show_progress(args.quiet))
+            model, vocab = loaded.model, loaded.model.padded_vocab_size
+
+            def loss_fn(inputs, labels):
+                return model(inputs, labels=labels)
+
         seq_length = args.seq_length or loaded.cfg.model.seq_length
         tokenizer_path = args.tokenizer or loaded.tokenizer
         needs_tokenizer = any(s.kind == "jsonl" for s in sources)
         tokenizer = load_tokenizer(tokenizer_path) if needs_tokenizer and tokenizer_path else None
-        vocab = loaded.model.padded_vocab_size
         windows = {}
         for source in sources:
             windows[source.name] = make_windows(token_stream(source, tokenizer, args.json_key), seq_length,
@@ -110,6 +131,13 @@ def evaluate(args: argparse.Namespace) -> dict:
             if len(windows[source.name]) == 0:
                 raise EvaluationDataError(f"{source.path} holds fewer than {seq_length + 1} tokens: no window to "
                                           "evaluate (use more data or a smaller --seq-length)")
+            if parallel.pp_enabled:
+                # The pipeline engine runs fixed-shape micro-batches: whole ones on every DP rank.
+                unit = args.micro_batch_size * parallel.dp_size
+                windows[source.name] = windows[source.name][: len(windows[source.name]) // unit * unit]
+                if len(windows[source.name]) == 0:
+                    raise EvaluationDataError(f"{source.path}: fewer windows than --micro-batch-size x data-parallel "
+                                              f"size = {unit}: use more data or a smaller --micro-batch-size")
             top = int(windows[source.name].max())
             if top >= vocab:
                 raise EvaluationDataError(f"{source.path} holds token id {top} but the model's vocabulary has {vocab} "
@@ -117,14 +145,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         total = sum(len(w) for w in windows.values())
         bar = tqdm(total=total, desc="evaluate", unit="window", disable=not (rank0 and show_progress(args.quiet)),
                    dynamic_ncols=True)
-        model = loaded.model
-
-        def loss_fn(inputs, labels):
-            return model(inputs, labels=labels)
-
         results = {}
         for name, w in windows.items():
-            results[name] = evaluate_windows(loss_fn, w, args.micro_batch_size, parallel, torch.device("cpu"),
+            results[name] = evaluate_windows(loss_fn, w, args.micro_batch_size, parallel, device,
                                              progress=bar.update if rank0 else None)
             # Off a terminal, one plain line per language instead of a bar.
             if rank0 and bar.disable:
@@ -133,11 +156,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         report = results_json(results, sources, checkpoint=str(args.checkpoint),
                               checkpoint_dir=str(loaded.checkpoint_dir), step=loaded.step, source=loaded.source,
                               seq_length=seq_length,
-                              layout={"tp": parallel.tp_size, "pp": 1, "dp": parallel.dp_size})
+                              layout={"tp": parallel.tp_size, "pp": parallel.pp_size, "dp": parallel.dp_size})
         if rank0:
             step = f" at step {loaded.step}" if loaded.step is not None else ""
             print(f"{loaded.checkpoint_dir}{step} ({loaded.source}), seq_length {seq_length}, "
-                  f"TP={parallel.tp_size} DP={parallel.dp_size}:")
+                  f"TP={parallel.tp_size} PP={parallel.pp_size} DP={parallel.dp_size}:")
             print(format_table(results), flush=True)
         return report
     finally:

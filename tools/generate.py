@@ -98,13 +98,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     from megatron.core.distributed import shutdown_distributed
     from megatron.data.tokenizer import load_tokenizer
     from megatron.inference.generation import generate
-    from megatron.inference.loading import inference_parallel_state, load_for_inference
+    from megatron.inference.loading import inference_device, inference_parallel_state, load_for_inference
 
     sampling = sampling_from_args(args)
     parallel, distributed = inference_parallel_state(args.tensor_model_parallel_size)
     try:
         rank0 = parallel.rank == 0
-        loaded = load_for_inference(args.checkpoint, parallel, config=args.config, step=args.step,
+        device = inference_device()
+        loaded = load_for_inference(args.checkpoint, parallel, config=args.config, step=args.step, device=device,
                                     progress=rank0 and show_progress(args.quiet))
         tokenizer_path = args.tokenizer or loaded.tokenizer
         if not tokenizer_path:
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         records = []
         for prompt in tqdm(prompts, desc="generate", unit="prompt", disable=not (rank0 and show_progress(args.quiet))):
             ids = tokenizer.encode(prompt)
-            new = generate(loaded.model, ids, max_new, sampling, eos_id=tokenizer.eod_id)
+            new = generate(loaded.model, ids, max_new, sampling, eos_id=tokenizer.eod_id, device=device)
             text = tokenizer.decode(new)
             records.append({"prompt": prompt, "prompt_ids": ids, "new_ids": new, "continuation": text})
             if rank0:

@@ -20,11 +20,13 @@ file itself, so a checkpoint trained at another TP size (another padding) still 
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -108,19 +110,78 @@ def _build_and_load(cfg: Config, directory: Path, config_source: str, parallel: 
     return model.eval()
 
 
-def inference_parallel_state(tp: int) -> tuple[ParallelState, bool]:
+def inference_parallel_state(tp: int, pp: int = 1) -> tuple[ParallelState, bool]:
     """This process's ParallelState for the inference tools, and whether a process group was
     started (the caller then ends it with ``shutdown_distributed``): a world of one without any
-    process group, or the launcher's world (torchrun, srun) split as TP x DP, without a pipeline."""
+    process group, or the launcher's world (torchrun, srun) split as TP x PP x DP."""
     if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) == 1:
-        if tp != 1:
-            raise ValueError(f"tensor-parallel size {tp} needs {tp} processes or a multiple: launch with "
-                             f"torchrun --nproc-per-node {tp}")
+        if tp * pp != 1:
+            raise ValueError(f"TP={tp} x PP={pp} needs {tp * pp} processes or a multiple: launch with "
+                             f"torchrun --nproc-per-node {tp * pp}")
         return ParallelState.single(), False
     from megatron.core.distributed import init_distributed
 
     info = init_distributed()
-    if info.world_size % tp:
-        raise ValueError(f"{info.world_size} processes cannot be split into TP groups of {tp}: "
-                         f"launch a multiple of {tp}")
-    return ParallelState(info.world_size, info.rank, tp, 1), True
+    if info.world_size % (tp * pp):
+        raise ValueError(f"{info.world_size} processes cannot be split into model replicas of TP={tp} x PP={pp}: "
+                         f"launch a multiple of {tp * pp}")
+    return ParallelState(info.world_size, info.rank, tp, pp), True
+
+
+@dataclass
+class LoadedPipeline:
+    """A checkpoint loaded into DeepSpeed's pipeline engine for evaluation (PP > 1)."""
+
+    engine: Any  # deepspeed.runtime.pipe.engine.PipelineEngine
+    cfg: Config
+    checkpoint_dir: Path
+    step: Optional[int]
+    source: str
+    tokenizer: Optional[str]
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+        """Mean loss of one micro-batch through every stage, on every rank of the pipeline."""
+        return float(self.engine.eval_batch(iter([(inputs, labels)]), num_micro_batches=1, bcast_loss=True))
+
+
+def inference_device() -> torch.device:
+    """This process's GPU (``LOCAL_RANK``) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_pipeline_for_evaluation(checkpoint: str | os.PathLike, parallel: ParallelState, micro_batch_size: int, *,
+                                 config: Optional[str] = None, step: Optional[int] = None,
+                                 device: str | torch.device = "cpu") -> LoadedPipeline:
+    """Our checkpoint (any saved layout) as this rank's pipeline stage, TP-split, inside a
+    DeepSpeed pipeline engine that evaluates one micro-batch of ``micro_batch_size`` windows at
+    a time: the layer files are read straight into the stage's layers, as training resumes an
+    imported model. A transformers folder: import it with tools/convert_from_hf.py first."""
+    from megatron.model.pipeline import build_pipeline_model
+    from megatron.training.engine import build_engine
+
+    path = Path(checkpoint)
+    if is_transformers_folder(path):
+        raise ConversionError(f"{path} is a transformers folder: evaluate it without a pipeline, or import it first "
+                              "(tools/convert_from_hf.py) and evaluate the import")
+    directory = resolve_checkpoint_dir(path, step)
+    cfg, config_source = resolve_config(config, directory)
+    cfg = copy.deepcopy(cfg)
+    padded = _check_against_files(cfg, LayerFileSet.discover(directory), config_source)
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    # The checkpoint's own padded vocabulary, split over this run's TP size.
+    m.pad_vocab_size_to = padded
+    m.make_vocab_size_divisible_by = math.gcd(padded // parallel.tp_size, m.make_vocab_size_divisible_by)
+    m.hidden_dropout = m.attention_dropout = 0.0
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.zero_stage = parallel.tp_size, parallel.pp_size, 1
+    t.micro_batch_size, t.global_batch_size = micro_batch_size, micro_batch_size * parallel.dp_size
+    t.train_iters, t.train_samples, t.rampup_batch_size = 1, None, None
+    t.bf16, t.fp16, t.checkpoint_activations = False, False, False
+    cfg.validate(parallel.layout.world_size)
+    kernels = select_kernels(m, torch.device(device).type, torch.float32)
+    model = build_pipeline_model(cfg, parallel, t.seed, None, kernels).to(device)
+    load_layer_files_into(model, directory, parallel, m.num_layers)
+    engine = build_engine(cfg, model, parallel.dp_size, t.global_batch_size, mpu=None)
+    return LoadedPipeline(engine, cfg, directory, iteration_of(directory), "ours",
+                          _tokenizer_near(cfg, directory, directory.parent))
