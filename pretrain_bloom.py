@@ -4,6 +4,8 @@
 Every run setting lives in the YAML config; ``--set section.field=value`` overrides any of
 them (repeatable). ``--dry-run`` builds the model on the meta device, prints its parameter
 counts and the parallel layout, and exits without allocating memory or starting processes.
+``--eval-only`` loads the checkpoint, evaluates the run's validation sets (the blend and every
+language), logs them and exits (tools/evaluate.py does the same on any held-out data).
 Launch several processes with ``torchrun`` or the ``deepspeed`` launcher.
 """
 
@@ -23,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field, e.g. --set model.num_layers=4 (repeatable)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate the loaded checkpoint on the run's validation sets and exit, without "
+                             "training or saving (the same as --set training.eval_only=true)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device, print sizes and layout, exit")
     # The deepspeed launcher passes --local_rank; torchrun sets LOCAL_RANK instead. Both work.
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     # A warning is a message for the user: print it, not the source line that raised it.
     warnings.formatwarning = lambda message, category, *_args, **_kwargs: f"warning: {message}\n"
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = args.overrides + (["training.eval_only=true"] if args.eval_only else [])
+        cfg = load_config(args.config, overrides)
         if args.dry_run:
             p = cfg.parallel
             world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import types
@@ -126,6 +127,10 @@ class TrainingConfig:
     # Iterations ("START-END", inclusive, counted from 1) whose data is consumed without training.
     skip_train_iteration_range: list[str] = field(default_factory=list)
     max_consecutive_skipped_steps: int = 10
+    # Megatron-DeepSpeed's --eval-only: load the checkpoint, evaluate the run's validation sets (the
+    # blend and every language), log them at the checkpoint's iteration, and exit without training
+    # or saving. tools/evaluate.py does the same on any held-out data.
+    eval_only: bool = False
 
 
 @dataclass
@@ -201,7 +206,14 @@ class LoggingConfig:
     eval_languages_per_interval: Optional[int] = None
     run_dir: Optional[str] = None  # metrics.jsonl and the resolved config.yaml go here
     tensorboard_dir: Optional[str] = None
-    # Prompts whose greedy continuation is printed at the end of training (demo runs).
+    # Weights & Biases (pip install -e ".[wandb]"), off unless a project is named; the same tags as
+    # TensorBoard. WANDB_MODE=offline writes the run under wandb_save_dir (default: run_dir) for
+    # `wandb sync`. Megatron-LM's --wandb-project, --wandb-exp-name, --wandb-save-dir.
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
+    # The prompts tools/generate.py continues when given none (scripts/demo.sh runs it after training),
+    # and how many tokens it generates by default.
     sample_prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 24
     # Peak dense bf16 FLOP/s of one device, for MFU (A100: 312e12).
@@ -349,6 +361,9 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
         level = getattr(cfg.logging, name)
         _require(level in LOG_LEVELS, f"logging.{name} must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
 
+    _require(not cfg.logging.wandb_project or importlib.util.find_spec("wandb") is not None,
+             f"logging.wandb_project is {cfg.logging.wandb_project!r} but wandb is not installed: "
+             'pip install -e ".[wandb]", or set logging.wandb_project: null')
     _validate_data(cfg.data)
     if world_size is not None:
         dp = cfg.data_parallel_size(world_size)

@@ -5,7 +5,7 @@ distributions). scripts/setup.sh calls it before installing and, if it installed
 more to verify, so that a run with nothing to do costs one interpreter start, not pip calls:
 
     .venv/bin/python scripts/check_lock.py --constraints requirements/constraints.txt \\
-        --pyproject pyproject.toml --extras test,plot --torch 'torch==2.13.0' --project
+        --pyproject pyproject.toml --extras test,plot,wandb --torch 'torch==2.13.0' --project
 
 Each thing to install is one line on stdout, ``KIND REQUIREMENT``:
 

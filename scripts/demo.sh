@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up, build the demo tokenizer and .bin/.idx data if missing, train a ~5M
 # parameter BLOOM on CPU with per-language validation, save a checkpoint, print greedy
-# continuations, and plot the loss curves. Extra arguments go to pretrain_bloom.py
+# continuations of its checkpoint (tools/generate.py), and plot the loss curves. Extra arguments go to pretrain_bloom.py
 # (e.g. --set training.train_samples=800 for a shorter run).
 set -euo pipefail
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -10,7 +10,8 @@ usage: bash scripts/demo.sh [PRETRAIN_ARGS...]
 
 Sets up the venv (bash scripts/setup.sh), trains the demo tokenizer and tokenizes the bundled
 corpus into data/processed/ if not done yet, trains the tiny BLOOM of configs/tiny.yaml on CPU,
-and plots its loss curves to runs/tiny/loss.png. Every argument goes to pretrain_bloom.py, e.g.
+prints greedy continuations of the saved checkpoint (tools/generate.py) and plots its loss
+curves to runs/tiny/loss.png. Every argument goes to pretrain_bloom.py, e.g.
   bash scripts/demo.sh --set training.train_samples=800
 Only -h or --help as the first argument prints this text instead; for pretrain_bloom.py's help
 run .venv/bin/python pretrain_bloom.py --help
@@ -47,6 +48,9 @@ fi
 
 "$PY" pretrain_bloom.py --config configs/tiny.yaml "$@"
 phase_done training
+echo "[demo] greedy continuations of the config's logging.sample_prompts (tools/generate.py)"
+"$PY" tools/generate.py --checkpoint runs/tiny/checkpoints --quiet
+phase_done generation
 "$PY" tools/plot_metrics.py runs/tiny/metrics.jsonl --output runs/tiny/loss.png
 phase_done plot
 summary="$(IFS=,; echo "${phases[*]}")"

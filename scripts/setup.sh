@@ -8,7 +8,7 @@ PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"
 LOCK="$ROOT/requirements/constraints.txt"
-EXTRAS="test,plot"  # the tests need pytest and transformers; the demo plots its loss curves
+EXTRAS="test,plot,wandb"  # the tests need pytest and transformers (and wandb, for its logger's test); the demo plots
 
 usage() {
     cat <<EOF
@@ -19,7 +19,7 @@ Creates the venv if it is missing and installs, in this order:
      another torch build;
   2. every package pinned in requirements/constraints.txt, at the pinned version, with
      pip install -c requirements/constraints.txt (the lock also holds pyproject.toml's
-     runtime requirements and its test and plot extras);
+     runtime requirements and its test, plot and wandb extras);
   3. this project, editable (pip install --no-deps --no-build-isolation -e .).
 A package installed at a version other than the locked one is reinstalled at the locked one.
 When everything already matches, nothing is installed: one Python start checks it all.

@@ -103,7 +103,7 @@ def test_lock_file_is_sorted_with_a_header():
 
 def test_the_test_venv_matches_the_lock():
     result = _run([sys.executable, CHECK_LOCK, "--constraints", LOCK, "--pyproject", PYPROJECT,
-                   "--extras", "test,plot", "--project"])
+                   "--extras", "test,plot,wandb", "--project"])
     assert (result.returncode, result.stdout) == (0, ""), \
         f"the venv differs from {LOCK.name}; bash scripts/setup.sh repairs it:\n{result.stderr}"
 
@@ -138,7 +138,8 @@ def test_an_unusable_lock_is_refused_with_the_fix(tmp_path, text, message):
 # --- (b) --help texts ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("script, flag", [("setup.sh", "--help"), ("setup.sh", "-h"), ("test.sh", "--help"),
-                                          ("demo.sh", "--help"), ("demo.sh", "-h"), ("lock.sh", "--help")])
+                                          ("demo.sh", "--help"), ("demo.sh", "-h"), ("lock.sh", "--help"),
+                                          ("flax_check.sh", "--help")])
 def test_help_prints_usage_and_does_nothing_else(tmp_path, script, flag):
     venv = tmp_path / "venv"
     cwd = tmp_path / "cwd"

@@ -14,7 +14,8 @@ TensorBoard gets the tags of the Megatron-DeepSpeed code that trained BLOOM-176B
 ``iteration-time/...`` (time, samples and tokens per second, ``TFLOPs per gpu (estimated)``) and
 the ``steps-vs-samples`` / ``steps-vs-tokens`` axes. Series BLOOM did not log keep our names
 under their own group (``skipped-iterations/...``, ``throughput/...``, ``memory/...``).
-The console line is Megatron-DeepSpeed's too.
+The console line is Megatron-DeepSpeed's too. With ``logging.wandb_project`` set, Weights & Biases
+gets the same tags (megatron/training/wandb_logger.py).
 """
 
 from __future__ import annotations
@@ -24,24 +25,49 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from tqdm import tqdm
 
 if TYPE_CHECKING:
+    from megatron.config import Config
     from megatron.training.trainer import StepResult
 
 
-class MetricsLogger:
-    """Writes scalars to TensorBoard and ``metrics.jsonl``; a no-op on ranks other than 0."""
+@dataclass(frozen=True)
+class WandbSettings:
+    """Where a run logs in Weights & Biases (``logging.wandb_*``), and the config it records."""
 
-    def __init__(self, run_dir: Optional[str], tensorboard_dir: Optional[str], rank: int):
+    project: Optional[str]
+    exp_name: Optional[str] = None
+    save_dir: Optional[str] = None
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "WandbSettings":
+        """The settings of ``cfg.logging``; the whole config is recorded with the run."""
+        log = cfg.logging
+        return cls(log.wandb_project, log.wandb_exp_name, log.wandb_save_dir, cfg.to_dict())
+
+
+class MetricsLogger:
+    """Writes scalars to TensorBoard, Weights & Biases and ``metrics.jsonl``; a no-op on ranks
+    other than 0."""
+
+    def __init__(self, run_dir: Optional[str], tensorboard_dir: Optional[str], rank: int,
+                 wandb: Optional[WandbSettings] = None):
         self.enabled = rank == 0
         self._jsonl = None
         self._tensorboard = None
+        self._wandb = None
         if not self.enabled:
             return
+        if wandb is not None and wandb.project:
+            from megatron.training.wandb_logger import WandbWriter
+
+            self._wandb = WandbWriter(wandb.project, wandb.exp_name, wandb.save_dir or run_dir, wandb.run_config)
         if run_dir:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             # Append: a resumed run continues the same file; readers keep the last record per step.
@@ -57,9 +83,13 @@ class MetricsLogger:
         tokens, under BLOOM's tags (see :func:`tensorboard_scalars`)."""
         if not self.enabled:
             return
-        if self._tensorboard is not None:
-            for tag, value, x in tensorboard_scalars(kind, scalars, step, samples, tokens):
-                self._tensorboard.add_scalar(tag, value, x)
+        if self._tensorboard is not None or self._wandb is not None:
+            tagged = tensorboard_scalars(kind, scalars, step, samples, tokens)
+            if self._tensorboard is not None:
+                for tag, value, x in tagged:
+                    self._tensorboard.add_scalar(tag, value, x)
+            if self._wandb is not None:
+                self._wandb.log(step, tagged)
         if self._jsonl is not None:
             record = {"kind": kind, "step": step, **({"samples": samples} if samples is not None else {}), **scalars}
             self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
@@ -69,6 +99,8 @@ class MetricsLogger:
         """Flush and close the writers."""
         if self._tensorboard is not None:
             self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.close()
         if self._jsonl is not None:
             self._jsonl.close()
 
@@ -197,6 +229,16 @@ def format_valid_line(step: int, scalars: dict[str, float], evaluated_languages:
     of how many were evaluated (``logging.eval_languages_per_interval`` rotates them)."""
     return (f"validation at iteration {step}: loss {scalars['validation loss']:.4f}, "
             f"ppl {scalars['validation ppl']:.2f} (blend; {evaluated_languages} of {languages} languages evaluated)")
+
+
+def format_valid_table(scalars: dict[str, float]) -> str:
+    """Every validation set of :func:`valid_scalars`, one line each: the blend first, then the
+    languages (what an evaluation-only run prints)."""
+    rows = [(key.removesuffix(" loss").removeprefix("validation/").replace("validation", "blend"), value,
+             scalars[key.removesuffix(" loss") + " ppl"]) for key, value in scalars.items() if key.endswith(" loss")]
+    width = max(len(name) for name, _, _ in rows)
+    return "\n".join([f"{'set'.ljust(width)}  {'loss':>8}  {'ppl':>10}"] +
+                     [f"{name.ljust(width)}  {loss:8.4f}  {ppl:10.3f}" for name, loss, ppl in rows])
 
 
 def format_train_line(step: int, total_steps: int, scalars: dict[str, Any], consumed_samples: int,

@@ -29,7 +29,7 @@ from megatron.training.data import build_training_data
 from megatron.training.engine import build_engine
 from megatron.training.environment import describe_environment, write_environment
 from megatron.training.lifecycle import RunLifecycle, job_start_time
-from megatron.training.logging import MetricsLogger, console
+from megatron.training.logging import MetricsLogger, WandbSettings
 from megatron.training.precision import announce, resolve_precision
 from megatron.training.schedules import BatchSizeRampup
 from megatron.training.trainer import Trainer, TrainState
@@ -62,7 +62,8 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
     # TP rank (duplicated activations must draw equal masks); the tracker's differs per TP rank.
     set_seed(model_parallel_seed(cfg.training.seed, parallel.tp_rank, parallel.pp_rank)[0])
     tracker = build_rng_tracker(cfg, parallel, info.device)
-    if info.rank == 0 and cfg.logging.run_dir:
+    # An evaluation-only run leaves the run's own config.yaml and environment record as training wrote them.
+    if info.rank == 0 and cfg.logging.run_dir and not cfg.training.eval_only:
         save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
         layout = {"tp": parallel.tp_size, "pp": parallel.pp_size, "dp": parallel.dp_size, "zero_stage": p.zero_stage}
         write_environment(cfg.logging.run_dir, describe_environment(
@@ -81,17 +82,12 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
     engine_for = functools.partial(build_engine, cfg, model, parallel.dp_size, rampup(0),
                                    mpu=None if parallel.pp_enabled else parallel)
     resumed = checkpointer.resume(engine_for, search=weights_only is None)
-    logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard_dir, info.rank)
+    logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard_dir, info.rank, WandbSettings.from_config(cfg))
     try:
         trainer = Trainer(cfg, info, parallel, resumed, data, logger, checkpointer, lifecycle)
         state = trainer.train()
         if on_finish is not None:
             on_finish(resumed.engine, parallel)
-        finished = trainer.stop_reason is None
-        whole_model_here = not (parallel.tp_enabled or parallel.pp_enabled)
-        if finished and info.rank == 0 and cfg.logging.sample_prompts and whole_model_here:
-            console("greedy continuations:")
-            print_samples(cfg, resumed.engine.module, data.tokenizer, info.device)
     finally:
         logger.close()
         shutdown_distributed()
@@ -162,13 +158,3 @@ def initial_weights(cfg: Config) -> Optional[Path]:
     except ConversionError:
         return None
     return candidate if is_layer_files_only(candidate) else None
-
-
-def print_samples(cfg: Config, model: torch.nn.Module, tokenizer, device: torch.device) -> None:
-    """Greedy continuations of the configured prompts (single-device model)."""
-    model.eval()
-    for prompt in cfg.logging.sample_prompts:
-        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
-        out = model.generate_greedy(ids, cfg.logging.sample_tokens, eos_id=tokenizer.eod_id)
-        text = tokenizer.decode(out[0, ids.shape[1]:].tolist())
-        console(f"  {prompt!r} -> {text!r}")

@@ -37,6 +37,7 @@ from megatron.training.logging import (
     console,
     format_train_line,
     format_valid_line,
+    format_valid_table,
     train_scalars,
     valid_scalars,
 )
@@ -119,7 +120,8 @@ class Trainer:
         # Every evaluation reads the same batches: read them once. Their loaders' draws from torch's
         # generator are undone here and made at each evaluation instead (see evaluate).
         with torch.random.fork_rng(devices=[]):
-            self._valid_batches = data.valid_batches(cfg.logging.eval_iters) if cfg.logging.eval_interval else {}
+            wanted = cfg.logging.eval_interval or cfg.training.eval_only
+            self._valid_batches = data.valid_batches(cfg.logging.eval_iters) if wanted else {}
         if loaded is not None:
             self._check_schedule(loaded.schedule)
             self.checkpointer.restore_rng(loaded)
@@ -245,6 +247,8 @@ class Trainer:
             if self.info.rank == 0:
                 console(f"not training: {self.stop_reason}")
             return s
+        if cfg.training.eval_only:
+            return self.evaluate_only()
         log_every, eval_every = cfg.logging.log_interval, cfg.logging.eval_interval
         save_every = cfg.checkpoint.save_interval
         progress = tqdm(total=total, initial=s.iteration, desc="train", unit="it", dynamic_ncols=True,
@@ -283,6 +287,19 @@ class Trainer:
             console(f"stopping at iteration {s.iteration}/{total}: {self.stop_reason}; {saved}")
         return s
 
+    def evaluate_only(self) -> TrainState:
+        """``training.eval_only``: every validation set once, at the loaded checkpoint's iteration,
+        logged like any evaluation (metrics.jsonl, TensorBoard) and printed per language; no
+        training step and no save."""
+        s = self.state
+        if self.info.rank == 0 and s.iteration == 0:
+            console("warning: training.eval_only with no checkpoint loaded (checkpoint.load): evaluating the "
+                    "freshly initialised model")
+        scalars = self._log_eval(final=True)
+        if self.info.rank == 0:
+            console(format_valid_table(scalars))
+        return s
+
     def _log_train(self, window: list[StepResult], seconds: float, samples: int) -> None:
         cfg, s = self.cfg, self.state
         speed = throughput(cfg.model, cfg.padded_vocab_size, samples, seconds, self.info.world_size,
@@ -294,13 +311,14 @@ class Trainer:
             console(format_train_line(s.iteration, self.total_iterations, scalars, s.consumed_samples,
                                       s.consumed_tokens))
 
-    def _log_eval(self, final: bool = False) -> None:
+    def _log_eval(self, final: bool = False) -> dict[str, float]:
         losses = self.evaluate(final)
         scalars = valid_scalars(losses)
         self.logger.log(self.state.iteration, scalars, kind="valid", samples=self.state.consumed_samples,
                         tokens=self.state.consumed_tokens)
         if self.info.rank == 0 and "overall" in losses:
             console(format_valid_line(self.state.iteration, scalars, len(losses) - 1, len(self.data.valid_languages)))
+        return scalars
 
     def save(self) -> None:
         """Checkpoint the engine and the loop's state (see megatron.checkpoint.checkpointing)."""
