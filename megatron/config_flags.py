@@ -32,7 +32,7 @@ INVERTED: dict[str, str] = {
 # sequence_parallel and the wandb_* fields are Megatron-LM's, which BLOOM's code predates).
 OURS: frozenset[str] = frozenset({
     "model.vocab_size", "model.use_fused_kernels", "model.cross_entropy_loss_fusion",
-    "model.attention_implementation",
+    "model.attention_implementation", "model.layernorm_fusion",
     "parallel.sequence_parallel", "parallel.tp_sync_check_interval",
     "training.max_consecutive_skipped_steps",
     "optimizer.adam_implementation",
