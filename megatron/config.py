@@ -25,13 +25,11 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron.errors import ConfigError  # defined with the other errors; importable from here too
 from megatron.utils.atomic import atomic_write_text
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the field and says how to fix it."""
 
 
 @dataclass
