@@ -277,7 +277,8 @@ class Checkpointer:
                                                     load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None or client_state is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {resume.directory / resume.load_tag}: check "
-                                  "that the directory holds mp_rank_*_model_states.pt files, or move it away to start afresh")
+                                  "that the directory holds mp_rank_*_model_states.pt files, or move it away to start "
+                                  "afresh")
         train_state = dict(client_state["train_state"])
         rng_state = None
         if not resume.universal:
