@@ -546,6 +546,9 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...), got "
+                              f"{type(values).__name__}")
     values = apply_overrides(values, overrides or [])
     try:
         _expand_datasets_file(values, Path(path).parent if path is not None else Path("."))
