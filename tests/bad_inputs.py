@@ -502,9 +502,12 @@ def shown(case: Case, output: str, root: Path) -> str:
     text = output.replace(str(root), "DIR").replace(str(REPO), "REPO")
     lines = text.splitlines()
     if case.skip:
-        keep = [ln for ln in lines if re.search(r"skipped|empty|docs", ln)]
+        # The summary's counts, without its timings (they differ from run to run).
+        keep = [re.sub(r"\s+in [\d.]+ s\s+\(.*\)$", "", ln) for ln in lines
+                if re.match(r"(documents |skipped:|  \w+: )", ln)]
     else:
-        start = next((i for i, ln in enumerate(lines) if re.search(r"(^|: )(config )?error: ", ln)), 0)
+        prefix = "|".join(ENTRY_POINTS)
+        start = next((i for i, ln in enumerate(lines) if re.match(rf"(({prefix}): )?(config )?error: ", ln)), 0)
         keep = [ln for ln in lines[:start] if ln.startswith("[rank 0] ")] + lines[start:]
     return "\n".join(ln.rstrip() for ln in keep if ln.strip())
 

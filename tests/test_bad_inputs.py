@@ -77,9 +77,10 @@ def test_bad_input(case: Case, tmp_path, capfd, caplog, clean_process):
     with mount:
         status = run_in_process(case, argv)
     out, err = capfd.readouterr()
-    # What rank 0's console log would have shown above the error (pytest holds the records).
+    # What rank 0's console log would have shown above the error (pytest holds the records): the
+    # checkpoint search's reasons for skipping a checkpoint, which the error refers to.
     logged = "".join(f"[rank 0] {r.getMessage()}\n" for r in caplog.records
-                     if r.name.startswith("megatron") and r.levelno >= logging.WARNING)
+                     if r.name.startswith("megatron.checkpoint") and r.levelno >= logging.WARNING)
     assert "Traceback" not in out + err
     text = shown(case, out if case.skip else logged + err, ws.root)
     if case.skip:
