@@ -542,6 +542,9 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}): save the config as "
+                              "UTF-8") from None
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
@@ -574,7 +577,7 @@ def _expand_datasets_file(values: dict[str, Any], base: Path) -> None:
         raise ConfigError(f"data.datasets_file {name}: no such file (looked in {', '.join(map(str, candidates))})")
     try:
         body = yaml.safe_load(found.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"data.datasets_file {found}: cannot be read as YAML: {exc}") from None
     if not isinstance(body, dict) or not isinstance(body.get("datasets"), list):
         raise ConfigError(f"data.datasets_file {found}: expected a mapping with a 'datasets' list of "
