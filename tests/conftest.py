@@ -17,7 +17,7 @@ CONFIGS = REPO / "configs"
 # examples and many more of them. HYPOTHESIS_PROFILE=fuzz makes it the default too.
 settings.register_profile("ci", derandomize=True, max_examples=25, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("fuzz", derandomize=False, max_examples=400, deadline=None, print_blob=True,
+settings.register_profile("fuzz", derandomize=False, max_examples=1000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

@@ -125,7 +125,22 @@ GOOD_CONFIG = yaml.safe_dump({
 })
 GOOD_OVERRIDES = ["model.num_layers=4", "training.bf16=false", "data.split=0.8,0.2,0", "checkpoint.keep_last=null",
                   "parallel.tensor_model_parallel_size=2", "data.datasets=[]", "logging.log_level=debug"]
-OVERRIDES = st.lists(st.one_of(st.sampled_from(GOOD_OVERRIDES), st.text(max_size=30),
+
+def _field_names() -> list[str]:
+    import dataclasses
+
+    from megatron.config import Config
+
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
+            for f in dataclasses.fields(section.default_factory())]
+
+
+# Any field set to any of these YAML values: wrong types, out-of-range numbers, broken YAML.
+ODD_VALUES = ["", "null", "0", "-1", "1.5", "nan", "-inf", "1e400", "true", "'x'", "[1, 2]", "[]", "{a: 1}", "[",
+              "2-1", "[{name: x, prefix: y}]", "[null]", "0x10", "!!binary AAA=", "&a [*a]", "\u00e9"]
+ANY_FIELD = st.builds(lambda name, value: f"{name}={value}", st.sampled_from(_field_names()),
+                      st.sampled_from(ODD_VALUES))
+OVERRIDES = st.lists(st.one_of(st.sampled_from(GOOD_OVERRIDES), st.text(max_size=30), ANY_FIELD,
                                st.tuples(st.sampled_from(GOOD_OVERRIDES), EDITS).map(
                                    lambda t: apply_edits(t[0].encode(), t[1]).decode("utf-8", "replace"))),
                      max_size=3)
