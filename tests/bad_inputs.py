@@ -36,6 +36,7 @@ ENTRY_POINTS = {
     "preprocess_data": REPO / "tools" / "preprocess_data.py",
     "convert_to_hf": REPO / "tools" / "convert_to_hf.py",
     "convert_from_hf": REPO / "tools" / "convert_from_hf.py",
+    "train_tokenizer": REPO / "tools" / "train_tokenizer.py",
 }
 AREAS = {"config": "Configs", "data": "Data", "checkpoint": "Checkpoints", "hf": "Hugging Face folders",
          "launch": "Launch"}
@@ -415,6 +416,11 @@ CASES: list[Case] = [
          "the gzip stream is truncated or corrupt"),
     Case("jsonl-gz-not-gzip", "data", ".jsonl.gz that is not gzip", "preprocess_data",
          lambda ws: (ws.path("raw/en.jsonl.gz").write_bytes(_jsonl_docs()), ws.preprocess(ws.root / "raw/en.jsonl.gz"))[1],
+         "the gzip stream is truncated or corrupt"),
+    Case("tokenizer-gz-truncated", "data", "truncated .jsonl.gz given to the tokenizer trainer", "train_tokenizer",
+         lambda ws: (truncate(ws.jsonl("en.jsonl.gz", _jsonl_docs(2000))),
+                     ["--input", str(ws.root / "raw/en.jsonl.gz"), "--output-dir", str(ws.root / "tok"),
+                      "--vocab-size", "300", "--quiet"])[1],
          "the gzip stream is truncated or corrupt"),
     Case("input-missing", "data", "input file does not exist", "preprocess_data",
          lambda ws: ws.preprocess(ws.root / "raw" / "nope.jsonl"), "does not exist"),

@@ -67,9 +67,10 @@ def input_size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _lines(f, path: Path) -> Iterator[bytes]:
-    """The lines of ``f``; a truncated or corrupt gzip stream raises :class:`PreprocessError`
-    naming the file and the line reached (gzip only notices at the point it breaks)."""
+def checked_lines(f, path: Path) -> Iterator[bytes]:
+    """The lines of binary file ``f`` (opened from ``path``); a truncated or corrupt gzip stream
+    raises :class:`PreprocessError` naming the file and the line reached (gzip only notices at
+    the point it breaks)."""
     lineno = 0
     try:
         for line in f:
@@ -78,7 +79,7 @@ def _lines(f, path: Path) -> Iterator[bytes]:
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise PreprocessError(
             f"{path}: the gzip stream is truncated or corrupt after line {lineno} ({exc}); nothing was written "
-            "for this dataset: re-download or re-compress the file (gzip -t checks it)"
+            "from it: re-download or re-compress the file (gzip -t checks it)"
         ) from None
 
 
@@ -88,7 +89,7 @@ def read_jsonl(path: Path, chunk_size: int, base: int) -> Iterator[Batch]:
         f = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
         lines: list[bytes] = []
         nbytes, first, lineno = 0, 1, 0
-        for line in _lines(f, path):
+        for line in checked_lines(f, path):
             lineno += 1
             lines.append(line)
             nbytes += len(line)

@@ -128,9 +128,10 @@ def _fail_on_bad(enc: Encoded) -> None:
 
 
 def _require_documents(job: Job, summary: Summary) -> None:
-    """An output without a single document would only fail later, at training time: refuse it."""
-    if summary.documents == 0:
-        why = ", ".join(f"{reason} {n}" for reason, n in sorted(summary.skipped.items())) or "none read"
+    """Records were read but every one was skipped: an output without a single document would
+    only fail later, at training time, so refuse it. (An empty input still gives an empty dataset.)"""
+    if summary.documents == 0 and sum(summary.skipped.values()) > 0:
+        why = ", ".join(f"{reason} {n}" for reason, n in sorted(summary.skipped.items()))
         raise PreprocessError(f"{', '.join(map(str, job.inputs))}: no usable document (skipped: {why}); nothing was "
                               "written: check --json-keys and the input's format (--strict stops at the first bad "
                               "record and names it)")
