@@ -11,7 +11,9 @@ Under torchrun every rank runs the same ``main``. A problem that every rank meet
 does not fit the world size, a corrupt ``.idx`` every rank opens) is raised on every rank; a
 problem that one rank meets on behalf of all is relayed by
 :func:`megatron.core.distributed.on_rank0` as :class:`ReportedByRank0`. Either way global rank 0
-holds the message, so only rank 0 prints it: one message per job.
+holds the message, so only rank 0 prints it: one message per job. The other ranks wait a moment
+before they exit (torchrun stops every rank once one fails, and must not stop rank 0 before it has
+printed); a rank still running after that met an error rank 0 did not, and prints its own.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable[..., int])
@@ -68,6 +71,20 @@ class ReportedByRank0(ProjectError, RuntimeError):
     for all of them; rank 0 prints the message, these ranks only exit non-zero."""
 
 
+# How long a rank other than 0 waits, after an expected error, for rank 0 to print it and exit;
+# torchrun then ends this rank. Rank 0 needs well under a second; the rest is margin for a loaded
+# machine. A rank still alive after it met an error that rank 0 did not meet: it prints its own.
+RANK0_GRACE_SECONDS = 10.0
+
+
+def world_size() -> int:
+    """Processes in this job: the process group's size when one exists, else the launcher's."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
+
+
 def process_rank() -> int:
     """This process's global rank: the process group's when one exists, else the launcher's."""
     dist = sys.modules.get("torch.distributed")  # never import torch just to print a message
@@ -86,8 +103,9 @@ def reports_errors(prog: str = "") -> Callable[[F], F]:
     """Decorate an entry point's ``main``: a :class:`ProjectError`, or an ``OSError`` (a file
     that cannot be read or written: its message names it), is printed once as
     ``[PROG: ]error: MESSAGE`` by global rank 0 and ends the process with the error's
-    ``exit_status`` (1; 2 for a config error); the other ranks exit with the same status,
-    silently. ``KeyboardInterrupt`` gives 130."""
+    ``exit_status`` (1; 2 for a config error); the other ranks give rank 0 time to print and
+    exit (see the module's docstring) and then print only an error rank 0 did not have.
+    ``KeyboardInterrupt`` gives 130."""
 
     def decorate(main: F) -> F:
         @functools.wraps(main)
@@ -98,7 +116,15 @@ def reports_errors(prog: str = "") -> Callable[[F], F]:
                 print(f"{prog}: interrupted" if prog else "interrupted", file=sys.stderr, flush=True)
                 return 130
             except (ProjectError, OSError) as exc:
-                if process_rank() == 0 and not isinstance(exc, ReportedByRank0):
+                rank = process_rank()
+                if rank != 0 and world_size() > 1:
+                    # Exiting at once could make the launcher stop rank 0 before it prints.
+                    time.sleep(RANK0_GRACE_SECONDS)
+                    if isinstance(exc, ReportedByRank0):
+                        return getattr(exc, "exit_status", 1)
+                    prog_rank = f"{prog} rank {rank}" if prog else f"rank {rank}"
+                    print(error_message(prog_rank, exc), file=sys.stderr, flush=True)
+                elif not isinstance(exc, ReportedByRank0):
                     print(error_message(prog, exc), file=sys.stderr, flush=True)
                 return getattr(exc, "exit_status", 1)
 
