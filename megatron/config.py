@@ -31,7 +31,6 @@ from megatron.utils.atomic import atomic_write_text
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-
 @dataclass
 class ModelConfig:
     """Shape of the network (Megatron: ``--num-layers``, ``--hidden-size``, ...)."""

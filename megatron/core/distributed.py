@@ -83,8 +83,8 @@ def on_rank0(fn: Callable[[], T], task: str) -> T:
     outcome, which also keeps the other ranks from going on (reading what it writes) before it
     is done. When ``fn`` raises, rank 0 re-raises its own exception and every other rank raises
     ``RuntimeError("rank R: rank 0 failed to <task>: <error>")`` (``ReportedByRank0``, which only
-    rank 0 prints, when rank 0's error is a :class:`~megatron.errors.ProjectError`); without the broadcast they would
-    wait in their next collective until a timeout, far from the cause. Without
+    rank 0 prints, when rank 0's error is a :class:`~megatron.errors.ProjectError`); without the
+    broadcast they would wait in their next collective until a timeout, far from the cause. Without
     ``torch.distributed`` (or in a world of one) ``fn`` simply runs here.
     """
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
