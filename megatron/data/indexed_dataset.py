@@ -80,8 +80,6 @@ _INT64 = np.dtype("<i8")
 _REBUILD_HINT = "re-run tools/preprocess_data.py to rebuild it"
 
 
-
-
 def index_file_path(prefix: str | os.PathLike) -> str:
     """``PREFIX.idx``."""
     return os.fspath(prefix) + ".idx"
