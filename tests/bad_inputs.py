@@ -19,7 +19,7 @@ import re
 import shutil
 import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -50,6 +50,7 @@ class Workspace:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.readonly: Optional[Path] = None  # a directory the test mounts read-only for the run
 
     def path(self, name: str) -> Path:
         """``root/name``, its parent created."""
@@ -218,9 +219,7 @@ class Case:
     build: Callable[[Workspace], list[str]]
     expect: str
     skip: bool = False  # a counted skip: exit 0, the summary counts it
-    needs_root: bool = False  # mounts a read-only bind mount
-    slow: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    needs_root: bool = False  # the test bind-mounts ``ws.readonly`` read-only around the run
 
 
 def _yaml_text(text: str) -> Callable[[Workspace], list[str]]:
@@ -324,7 +323,7 @@ def _readonly_run_dir(ws: Workspace) -> list[str]:
     run = ws.path("run")
     run.mkdir(exist_ok=True)
     (run / "notes.txt").write_text("the user's file\n")
-    ws.readonly = run  # type: ignore[attr-defined]  # the test mounts it read-only
+    ws.readonly = run
     return ws.pretrain()
 
 
