@@ -16,7 +16,8 @@ import os
 import sys
 import warnings
 
-from megatron.config import Config, ConfigError, load_config
+from megatron.config import Config, load_config
+from megatron.errors import reports_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,11 +91,14 @@ def _record(fn):
 
 
 @_record
+@reports_errors()
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+    """Entry point; returns the process exit code. Expected errors (a bad config, data or
+    checkpoint; a diverged run) end it with one message from rank 0 and a non-zero status."""
     args = parse_args(argv)
     # A warning is a message for the user: print it, not the source line that raised it.
     warnings.formatwarning = lambda message, category, *_args, **_kwargs: f"warning: {message}\n"
+<<<<<<< HEAD
     try:
         overrides = args.overrides + (["training.eval_only=true"] if args.eval_only else [])
         cfg = load_config(args.config, overrides)
@@ -107,15 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+=======
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        p = cfg.parallel
+        world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or (
+            p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+        dry_run(cfg, world_size)
+        return check_data_before_launch(cfg, args.check_data)
+>>>>>>> badinputs
     from megatron.training.pretrain import pretrain
-    from megatron.training.trainer import TooManySkippedSteps
 
-    try:
-        pretrain(cfg)
-    except TooManySkippedSteps as exc:
-        # A diverged run is an outcome with a remedy, not a crash: the message, no traceback.
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
+    pretrain(cfg)
     return 0
 
 

@@ -26,13 +26,10 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron.errors import ConfigError  # defined with the other errors; importable from here too
 from megatron.utils.atomic import atomic_write_text
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the field and says how to fix it."""
 
 
 @dataclass
@@ -548,7 +545,12 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {key} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                              f"{path.strip()}=\"...\"") from None
     return values
 
 
@@ -562,10 +564,16 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}): save the config as "
+                              "UTF-8") from None
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...), got "
+                              f"{type(values).__name__}")
     values = apply_overrides(values, overrides or [])
     try:
         _expand_datasets_file(values, Path(path).parent if path is not None else Path("."))
@@ -591,7 +599,7 @@ def _expand_datasets_file(values: dict[str, Any], base: Path) -> None:
         raise ConfigError(f"data.datasets_file {name}: no such file (looked in {', '.join(map(str, candidates))})")
     try:
         body = yaml.safe_load(found.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"data.datasets_file {found}: cannot be read as YAML: {exc}") from None
     if not isinstance(body, dict) or not isinstance(body.get("datasets"), list):
         raise ConfigError(f"data.datasets_file {found}: expected a mapping with a 'datasets' list of "

@@ -7,9 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+
+# Property-based tests (hypothesis): "ci", the default, is derandomized (the same examples every
+# run) and small, for the main suite; "fuzz", which the slow tier's fuzz tests use, draws fresh
+# examples and many more of them. HYPOTHESIS_PROFILE=fuzz makes it the default too.
+settings.register_profile("ci", derandomize=True, max_examples=25, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", derandomize=False, max_examples=1000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Tests run on two cores; oversubscribing threads only slows gloo tests down.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

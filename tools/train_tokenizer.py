@@ -54,10 +54,12 @@ from typing import Sequence
 
 try:
     from megatron.data.tokenizer_training import build_report, evaluate, format_table, train
+    from megatron.errors import reports_errors
     from megatron.utils.atomic import atomic_write_text
 except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from megatron.data.tokenizer_training import build_report, evaluate, format_table, train
+    from megatron.errors import reports_errors
     from megatron.utils.atomic import atomic_write_text
 
 
@@ -95,6 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@reports_errors("train_tokenizer")  # a corrupt input (PreprocessError), an unwritable --output-dir (OSError)
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, evaluate and write the tokenizer; returns the process exit code."""
     args = parse_args(argv)

@@ -49,6 +49,7 @@ from megatron.checkpoint.store import CheckpointInfo, CheckpointStore, new_tempo
 from megatron.config import Config
 from megatron.core.distributed import on_rank0
 from megatron.core.parallel_state import ParallelState
+from megatron.errors import CheckpointError
 
 if TYPE_CHECKING:  # deepspeed is imported where an engine is built, not when this module loads
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -124,7 +125,7 @@ class Checkpointer:
         """Write checkpoint ``global_step{iteration}`` atomically (see the module docstring)."""
         directory = self.cfg.checkpoint.save
         if not directory:
-            raise ValueError("checkpoint.save is not set: set it to a directory to save checkpoints")
+            raise CheckpointError("checkpoint.save is not set: set it to a directory to save checkpoints")
         start = time.perf_counter()
         tag = checkpoint_tag(train_state["iteration"])
         store = CheckpointStore(directory)
@@ -227,7 +228,7 @@ class Checkpointer:
                 logger.warning(line)
             if info is None and store.tags():
                 # Starting afresh would silently throw the run away (and later overwrite these).
-                raise ValueError(f"none of the checkpoints in {directory} is complete (see the messages above): "
+                raise CheckpointError(f"none of the checkpoints in {directory} is complete (see the messages above): "
                                  "repair them, move them away to start from scratch, or point checkpoint.load "
                                  "elsewhere")
             if info is None:
@@ -275,8 +276,9 @@ class Checkpointer:
         path, client_state = engine.load_checkpoint(str(resume.directory), tag=resume.load_tag,
                                                     load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None or client_state is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {resume.directory / resume.load_tag}: check that "
-                               "the directory holds mp_rank_*_model_states.pt files, or move it away to start afresh")
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {resume.directory / resume.load_tag}: check "
+                                  "that the directory holds mp_rank_*_model_states.pt files, or move it away to start "
+                                  "afresh")
         train_state = dict(client_state["train_state"])
         rng_state = None
         if not resume.universal:
@@ -305,12 +307,12 @@ class Checkpointer:
         differing = [f"model.{key}: checkpoint {saved.get(key)!r}, config {mine[key]!r}"
                      for key in _MODEL_SHAPE_FIELDS if key in saved and saved[key] != mine[key]]
         if differing:
-            raise ValueError(f"checkpoint {info.path} holds a different model ({'; '.join(differing)}): resume with "
-                             "the checkpoint's model settings, or set checkpoint.load to another directory")
+            raise CheckpointError(f"checkpoint {info.path} holds a different model ({'; '.join(differing)}): resume "
+                                  "with the checkpoint's model settings, or set checkpoint.load to another directory")
         padded = info.manifest.get("padded_vocab_size")
         if padded is not None and padded > self.cfg.padded_vocab_size:
-            raise ValueError(f"checkpoint {info.path} has a padded vocabulary of {padded} rows but this run pads to "
-                             f"{self.cfg.padded_vocab_size}: set model.pad_vocab_size_to: {padded}")
+            raise CheckpointError(f"checkpoint {info.path} has a padded vocabulary of {padded} rows but this run pads "
+                                  f"to {self.cfg.padded_vocab_size}: set model.pad_vocab_size_to: {padded}")
         saved_data = [d.get("name") for d in info.manifest.get("config", {}).get("data", {}).get("datasets", [])]
         if saved_data and saved_data != [d.name for d in self.cfg.data.datasets]:
             logger.warning("checkpoint %s was trained on datasets %s, this run uses %s: the data order after "

@@ -23,6 +23,7 @@ complete), which is cheaper than a rename per file and leaves no half-checkpoint
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -99,6 +100,12 @@ def load_tensor_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be mapped; read them whole
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            # torch's message is a page of advice about weights_only=False; keep its one line of cause.
+            cause = next((ln.strip() for ln in str(err).splitlines() if "WeightsUnpickler error" in ln), str(err))
+            raise ConversionError(f"cannot load {path}: it holds objects other than tensors, which "
+                                  f"torch.load(weights_only=True) refuses ({cause}); re-save it with tensors only, "
+                                  "or convert it where you trust its source") from None
         except Exception as err:  # noqa: BLE001
             raise ConversionError(f"cannot load {path}: {type(err).__name__}: {err}; the file is truncated, "
                                   "corrupt, or holds objects other than tensors") from err

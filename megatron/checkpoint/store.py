@@ -31,7 +31,7 @@ import time
 import uuid
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Optional
 
 from megatron.checkpoint.layout import (
@@ -43,6 +43,7 @@ from megatron.checkpoint.layout import (
     iteration_of,
     universal_tag,
 )
+from megatron.errors import CheckpointError
 from megatron.utils.atomic import atomic_write_text, fsync_path, fsync_tree
 
 logger = logging.getLogger(__name__)
@@ -101,28 +102,51 @@ def check_torch_file(path: Path) -> Optional[str]:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of checkpoint directory ``path``; raises ValueError naming the problem."""
+    """The manifest of checkpoint directory ``path``; raises CheckpointError (a ValueError) naming
+    the file and the problem, also for a manifest whose fields have the wrong types."""
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise ValueError(f"{manifest_path} is missing: the save was interrupted, or the directory was not written "
-                         "by this framework")
+        raise CheckpointError(f"{manifest_path} is missing: the save was interrupted, or the directory was not "
+                              "written by this framework")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{manifest_path} is unreadable ({exc})") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8
+        raise CheckpointError(f"{manifest_path} is unreadable ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{manifest_path} is not a {MANIFEST_FORMAT} manifest")
+        raise CheckpointError(f"{manifest_path} is not a {MANIFEST_FORMAT} manifest")
+    _check_manifest_fields(manifest_path, manifest)
     if manifest.get("version", 0) > MANIFEST_VERSION:
-        raise ValueError(f"{manifest_path} has manifest version {manifest.get('version')}, newer than this code "
-                         f"understands ({MANIFEST_VERSION}): update the code")
+        raise CheckpointError(f"{manifest_path} has manifest version {manifest.get('version')}, newer than this "
+                              f"code understands ({MANIFEST_VERSION}): update the code")
     return manifest
+
+
+def _check_manifest_fields(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """The types the readers of a manifest rely on; an edited or damaged one fails here, with
+    the field named, rather than deep inside a resume."""
+    def bad(field: str, wanted: str) -> CheckpointError:
+        return CheckpointError(f"{manifest_path}: '{field}' must be {wanted}; the manifest was edited or damaged: "
+                               "restore it, or move this checkpoint away")
+
+    if not isinstance(manifest.get("version", 0), int) or isinstance(manifest.get("version"), bool):
+        raise bad("version", "an integer")
+    for key in ("files", "layout", "train_state", "schedule", "config"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise bad(key, "a mapping")
+    for name, size in manifest.get("files", {}).items():
+        inside = name and not PurePosixPath(name).is_absolute() and ".." not in PurePosixPath(name).parts
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not inside:
+            raise bad(f"files.{name}", "a byte count (a path inside this directory mapped to an integer >= 0)")
+    for section, values in manifest.get("config", {}).items():
+        if not isinstance(values, dict):
+            raise bad(f"config.{section}", "a mapping")
 
 
 def verify_checkpoint(path: Path) -> list[str]:
     """Problems that make checkpoint directory ``path`` unusable (empty when it is complete)."""
     try:
         manifest = read_manifest(path)
-    except ValueError as exc:
+    except CheckpointError as exc:
         return [str(exc)]
     problems = []
     for name, size in manifest.get("files", {}).items():
@@ -185,7 +209,7 @@ class CheckpointStore:
         """The tag named in ``latest`` (a hint only: readers verify before trusting it)."""
         try:
             return (self.directory / LATEST_FILE).read_text(encoding="utf-8").strip() or None
-        except OSError:
+        except (OSError, UnicodeDecodeError):
             return None
 
     # -- writing (rank 0 only) -----------------------------------------------------------------

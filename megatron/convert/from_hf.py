@@ -270,8 +270,10 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: 
                 tied_head = index == EMBEDDING_INDEX and key == VOCABULARY_KEY
                 if tied_head and HF_TIED_HEAD in weights.locations:
                     if not torch.equal(weights.get(HF_TIED_HEAD), full):
-                        raise ConversionError("lm_head.weight differs from word_embeddings.weight: BLOOM ties them, "
-                                              "and our model has no separate head")
+                        head_file = weights.locations[HF_TIED_HEAD][0]
+                        raise ConversionError(f"{head_file}: lm_head.weight differs from word_embeddings.weight, but "
+                                              "BLOOM ties them and our model has no separate head: this folder "
+                                              "holds another architecture, or a fine-tune that untied the head")
                 layer[key] = full.to(target)
                 count += full.numel()
                 del full

@@ -15,6 +15,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from megatron.errors import ProjectError, ReportedByRank0
+
 T = TypeVar("T")
 
 
@@ -80,8 +82,9 @@ def on_rank0(fn: Callable[[], T], task: str) -> T:
     calls it, in the same order), and the result must be picklable. Rank 0 broadcasts its
     outcome, which also keeps the other ranks from going on (reading what it writes) before it
     is done. When ``fn`` raises, rank 0 re-raises its own exception and every other rank raises
-    ``RuntimeError("rank R: rank 0 failed to <task>: <error>")``; without the broadcast they would
-    wait in their next collective until a timeout, far from the cause. Without
+    ``RuntimeError("rank R: rank 0 failed to <task>: <error>")`` (``ReportedByRank0``, which only
+    rank 0 prints, when rank 0's error is a :class:`~megatron.errors.ProjectError`); without the
+    broadcast they would wait in their next collective until a timeout, far from the cause. Without
     ``torch.distributed`` (or in a world of one) ``fn`` simply runs here.
     """
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -94,11 +97,14 @@ def on_rank0(fn: Callable[[], T], task: str) -> T:
             result = fn()
         except Exception as exc:  # re-raised below, once the other ranks have been told
             error = exc
-    box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
+    failure = None if error is None else (f"{type(error).__name__}: {error}", isinstance(error, ProjectError))
+    box = [(result, failure)]
     torch.distributed.broadcast_object_list(box, src=0)
     if error is not None:
         raise error
-    result, message = box[0]
-    if message is not None:
-        raise RuntimeError(f"rank {rank}: rank 0 failed to {task}: {message}")
+    result, failure = box[0]
+    if failure is not None:
+        message, expected = failure
+        # An expected error's message is printed by rank 0 alone (megatron.errors.reports_errors).
+        raise (ReportedByRank0 if expected else RuntimeError)(f"rank {rank}: rank 0 failed to {task}: {message}")
     return result

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from megatron.errors import DataError
+
 __all__ = ["alpha_sampling_weights", "normalize_weights", "resolve_weights"]
 
 
@@ -65,23 +67,24 @@ def resolve_weights(
     given = [w is not None for w in weights]
     if any(given) and not all(given):
         missing = [n for n, g in zip(names, given) if not g]
-        raise ValueError(
+        raise DataError(
             f"data.datasets: weights are missing for {missing}; give every dataset a weight, "
             "or none and set data.alpha"
         )
     if all(given) and alpha is not None:
-        raise ValueError(
+        raise DataError(
             "data.alpha and per-dataset weights are both set; use one of them "
             "(set data.alpha: null or drop the weights)"
         )
     if not all(given) and alpha is None:
-        raise ValueError("data.datasets have no weights and data.alpha is not set; give weights or an alpha (e.g. 0.3)")
+        raise DataError("data.datasets have no weights and data.alpha is not set; give weights or an alpha (e.g. 0.3)")
     if alpha is not None:
         empty = [n for n, t in zip(names, train_tokens) if t == 0]
         if empty:
-            raise ValueError(f"data.datasets {empty}: no training tokens, cannot compute alpha-sampling weights")
+            raise DataError(f"data.datasets {empty}: no training tokens, cannot compute alpha-sampling weights: "
+                            "drop them or give every dataset a weight")
         return alpha_sampling_weights(train_tokens, alpha)
     for n, w in zip(names, weights):
         if isinstance(w, bool) or not (isinstance(w, numbers.Real) and math.isfinite(w) and w > 0):
-            raise ValueError(f"data.datasets[{n!r}].weight = {w!r}: must be a finite number > 0")
+            raise DataError(f"data.datasets[{n!r}].weight = {w!r}: must be a finite number > 0")
     return normalize_weights([float(w) for w in weights])  # type: ignore[arg-type]

@@ -9,17 +9,16 @@ pyarrow or ``datasets``), plus the input position reached, for the progress bar.
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from megatron.errors import PreprocessError  # importable from here too
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _MAX_BATCH_BYTES = 4 << 20  # a batch also closes at this many input bytes (bounds memory)
-
-
-class PreprocessError(RuntimeError):
-    """A failure that ends the run with a message for the user (exit status 1)."""
 
 
 @dataclass
@@ -68,13 +67,29 @@ def input_size(path: Path) -> int:
     return path.stat().st_size
 
 
+def checked_lines(f, path: Path) -> Iterator[bytes]:
+    """The lines of binary file ``f`` (opened from ``path``); a truncated or corrupt gzip stream
+    raises :class:`PreprocessError` naming the file and the line reached (gzip only notices at
+    the point it breaks)."""
+    lineno = 0
+    try:
+        for line in f:
+            lineno += 1
+            yield line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise PreprocessError(
+            f"{path}: the gzip stream is truncated or corrupt after line {lineno} ({exc}); nothing was written "
+            "from it: re-download or re-compress the file (gzip -t checks it)"
+        ) from None
+
+
 def read_jsonl(path: Path, chunk_size: int, base: int) -> Iterator[Batch]:
     """Batches of raw lines of a JSON-lines file (gzip'd when the name ends in .gz)."""
     with open(path, "rb") as raw:
         f = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
         lines: list[bytes] = []
         nbytes, first, lineno = 0, 1, 0
-        for line in f:
+        for line in checked_lines(f, path):
             lineno += 1
             lines.append(line)
             nbytes += len(line)

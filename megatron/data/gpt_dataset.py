@@ -40,6 +40,7 @@ from typing import Mapping, Protocol, Sequence
 import numpy as np
 
 from megatron.data.index_cache import build_once_and_load
+from megatron.errors import DataError
 
 __all__ = [
     "IndexedDatasetLike",
@@ -316,7 +317,7 @@ def _check_loaded(paths: Mapping[str, str], m: IndexMappings, num_samples: int) 
     """Cheap shape/dtype checks of cached arrays, so a bad file fails here with its name."""
 
     def bad(kind: str, why: str) -> ValueError:
-        return ValueError(f"{paths[kind]}: {why}; delete the file to rebuild the index cache")
+        return DataError(f"{paths[kind]}: {why}; delete the file to rebuild the index cache")
 
     for kind, arr in m.as_dict().items():
         if arr.dtype != np.int64:
@@ -377,7 +378,7 @@ class GPTDataset:
             raise ValueError(f"{where}: num_samples must be >= 0, got {num_samples}")
         self.documents = np.asarray(documents, dtype=np.int64)
         if self.documents.ndim != 1 or len(self.documents) == 0:
-            raise ValueError(f"{where}: the {name} split has no documents; change data.split or drop the dataset")
+            raise DataError(f"{where}: the {name} split has no documents; change data.split or drop the dataset")
         sizes = np.asarray(indexed_dataset.sizes)
         if self.documents.min() < 0 or self.documents.max() >= len(sizes):
             raise ValueError(
@@ -386,7 +387,7 @@ class GPTDataset:
             )
         self.tokens_per_epoch = int(sizes[self.documents].sum(dtype=np.int64))
         if self.tokens_per_epoch == 0:
-            raise ValueError(f"{where}: the {len(self.documents)} documents of the {name} split hold no tokens")
+            raise DataError(f"{where}: the {len(self.documents)} documents of the {name} split hold no tokens")
         self.num_epochs = num_epochs_for(self.tokens_per_epoch, self.seq_length, self.num_samples)
 
         def build() -> dict[str, np.ndarray]:

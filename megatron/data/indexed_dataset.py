@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from megatron.errors import IndexedDatasetError, MissingIndexedDatasetError  # importable from here too
 from megatron.utils.atomic import atomic_path, create_temporary
 
 __all__ = [
@@ -77,14 +78,6 @@ _CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
 _SIZES_DTYPE = np.dtype("<i4")
 _INT64 = np.dtype("<i8")
 _REBUILD_HINT = "re-run tools/preprocess_data.py to rebuild it"
-
-
-class IndexedDatasetError(ValueError):
-    """A ``.bin``/``.idx`` pair is missing, corrupt, truncated or inconsistent."""
-
-
-class MissingIndexedDatasetError(IndexedDatasetError, FileNotFoundError):
-    """The ``.idx`` or ``.bin`` file does not exist."""
 
 
 def index_file_path(prefix: str | os.PathLike) -> str:

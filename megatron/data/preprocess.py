@@ -127,6 +127,16 @@ def _fail_on_bad(enc: Encoded) -> None:
             )
 
 
+def _require_documents(job: Job, summary: Summary) -> None:
+    """Records were read but every one was skipped: an output without a single document would
+    only fail later, at training time, so refuse it. (An empty input still gives an empty dataset.)"""
+    if summary.documents == 0 and sum(summary.skipped.values()) > 0:
+        why = ", ".join(f"{reason} {n}" for reason, n in sorted(summary.skipped.items()))
+        raise PreprocessError(f"{', '.join(map(str, job.inputs))}: no usable document (skipped: {why}); nothing was "
+                              "written: check --json-keys and the input's format (--strict stops at the first bad "
+                              "record and names it)")
+
+
 def run(
     jobs: Sequence[Job],
     tokenizer_path: str,
@@ -180,6 +190,7 @@ def run(
         for j, progress_pos, enc in _results(tagged, pool, window=2 * workers + 2):
             if j != current:
                 if writer is not None:
+                    _require_documents(jobs[current], summaries[current])
                     summaries[current].outputs = writer.finalize()
                     summaries[current].seconds = time.perf_counter() - t_job
                 writer, current, t_job = _JobWriter(jobs[j], keys, dtype), j, time.perf_counter()
@@ -191,6 +202,7 @@ def run(
             summaries[j].add(enc)
             bar.update(progress_pos - bar.n)
         if writer is not None:
+            _require_documents(jobs[current], summaries[current])
             summaries[current].outputs = writer.finalize()
             summaries[current].seconds = time.perf_counter() - t_job
             writer = None

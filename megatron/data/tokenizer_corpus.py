@@ -16,6 +16,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from megatron.data.document_readers import checked_lines
+
 # Searched for in directories; plain .json is left out there (metadata such as a corpus's
 # languages.json), but accepted when a file is named explicitly.
 _DIR_SUFFIXES = (".jsonl.gz", ".jsonl", ".ndjson", ".ndjson.gz")
@@ -68,7 +70,7 @@ def iter_texts(path: Path, json_key: str, stats: ReadStats | None = None) -> Ite
     """
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(checked_lines(f, path), 1):
             if not raw.strip():
                 continue
             try:

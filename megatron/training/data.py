@@ -21,6 +21,7 @@ from megatron.data.blend_builder import build_blended_datasets
 from megatron.data.check import check_data, format_problems
 from megatron.data.sampler import build_data_loader
 from megatron.data.tokenizer import load_tokenizer
+from megatron.errors import DataError
 from megatron.training.schedules import BatchSizeRampup, total_train_samples
 
 
@@ -77,7 +78,7 @@ def build_training_data(cfg: Config, parallel: ParallelState) -> TrainingData:
     """Open the tokenizer and every dataset of the blend; index maps are built once and cached."""
     d, t = cfg.data, cfg.training
     if not d.datasets:
-        raise ValueError("data.datasets is empty: list the preprocessed .bin/.idx prefixes to train on "
+        raise DataError("data.datasets is empty: list the preprocessed .bin/.idx prefixes to train on "
                          "(see configs/tiny.yaml and tools/preprocess_data.py)")
     try:
         tokenizer = load_tokenizer(d.tokenizer) if d.tokenizer else None
@@ -85,9 +86,9 @@ def build_training_data(cfg: Config, parallel: ParallelState) -> TrainingData:
         tokenizer = None  # check_data reports it, with every other problem
     problems = check_data(d, tokenizer)  # every missing or mismatched file in one message, not the first only
     if problems:
-        raise ValueError(format_problems(problems))
+        raise DataError(format_problems(problems))
     if tokenizer is not None and tokenizer.vocab_size > cfg.padded_vocab_size:
-        raise ValueError(f"tokenizer {d.tokenizer} has {tokenizer.vocab_size} tokens but the model's padded "
+        raise DataError(f"data.tokenizer {d.tokenizer} has {tokenizer.vocab_size} tokens but the model's padded "
                          f"vocabulary is {cfg.padded_vocab_size}: set model.vocab_size to {tokenizer.vocab_size}")
     dp_rank, dp_size = parallel.dp_rank, parallel.dp_size
     train_samples = total_train_samples(t, BatchSizeRampup.from_config(t))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -17,8 +18,8 @@ import torch
 from megatron.checkpoint.checkpointing import Checkpointer
 from megatron.checkpoint.layer_files import is_layer_files_only, load_layer_files_into, resolve_checkpoint_dir
 from megatron.checkpoint.store import CheckpointStore
-from megatron.config import Config, LoggingConfig, save_config
-from megatron.core.distributed import init_distributed, shutdown_distributed
+from megatron.config import Config, ConfigError, LoggingConfig, save_config
+from megatron.core.distributed import init_distributed, on_rank0, shutdown_distributed
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import MODEL_PARALLEL_RNG, RNGStatesTracker, model_parallel_seed
 from megatron.errors import ConversionError
@@ -62,8 +63,15 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
     # TP rank (duplicated activations must draw equal masks); the tracker's differs per TP rank.
     set_seed(model_parallel_seed(cfg.training.seed, parallel.tp_rank, parallel.pp_rank)[0])
     tracker = build_rng_tracker(cfg, parallel, info.device)
+<<<<<<< HEAD
     # An evaluation-only run leaves the run's own config.yaml and environment record as training wrote them.
     if info.rank == 0 and cfg.logging.run_dir and not cfg.training.eval_only:
+=======
+    # Rank 0 tries every output directory now, not at the first save hours later; a failure
+    # reaches every rank, so the job ends with one message instead of ranks stuck in a collective.
+    on_rank0(lambda: check_output_directories(cfg), "check the output directories")
+    if info.rank == 0 and cfg.logging.run_dir:
+>>>>>>> badinputs
         save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
         layout = {"tp": parallel.tp_size, "pp": parallel.pp_size, "dp": parallel.dp_size, "zero_stage": p.zero_stage}
         write_environment(cfg.logging.run_dir, describe_environment(
@@ -92,6 +100,24 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
         logger.close()
         shutdown_distributed()
     return state
+
+
+def check_output_directories(cfg: Config) -> None:
+    """Create ``logging.run_dir``, ``logging.tensorboard_dir`` and ``checkpoint.save`` if needed and
+    write (then remove) a probe file in each; raises ConfigError naming the field when one cannot
+    be written (read-only mount, permissions, a file in the way). Nothing already there is touched."""
+    for field, value in (("logging.run_dir", cfg.logging.run_dir),
+                         ("logging.tensorboard_dir", cfg.logging.tensorboard_dir),
+                         ("checkpoint.save", cfg.checkpoint.save)):
+        if not value:
+            continue
+        try:
+            Path(value).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=value, prefix=".write-probe-"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{field} {value} is not writable ({exc.strerror or exc}): choose a directory this "
+                              "job can write, or make it writable (remount a read-only mount read-write)") from None
 
 
 def configure_logging(rank: int, log_cfg: LoggingConfig) -> None:

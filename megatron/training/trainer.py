@@ -28,6 +28,7 @@ from megatron.config import Config
 from megatron.core.distributed import DistributedInfo
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import check_tp_duplicates_in_sync
+from megatron.errors import ProjectError
 from megatron.training.data import TrainingData
 from megatron.training.engine import set_learning_rate
 from megatron.training.lifecycle import RunLifecycle
@@ -52,7 +53,7 @@ from megatron.training.steps import EngineSteps, PipelineSteps
 from megatron.utils.terminal import show_progress
 
 
-class TooManySkippedSteps(RuntimeError):
+class TooManySkippedSteps(ProjectError, RuntimeError):
     """Raised when consecutive steps keep producing non-finite losses or gradients."""
 
 
