@@ -98,28 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # A warning is a message for the user: print it, not the source line that raised it.
     warnings.formatwarning = lambda message, category, *_args, **_kwargs: f"warning: {message}\n"
-<<<<<<< HEAD
-    try:
-        overrides = args.overrides + (["training.eval_only=true"] if args.eval_only else [])
-        cfg = load_config(args.config, overrides)
-        if args.dry_run:
-            p = cfg.parallel
-            world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or (
-                p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
-            dry_run(cfg, world_size)
-            return check_data_before_launch(cfg, args.check_data)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-=======
-    cfg = load_config(args.config, args.overrides)
+    overrides = args.overrides + (["training.eval_only=true"] if args.eval_only else [])
+    cfg = load_config(args.config, overrides)
     if args.dry_run:
         p = cfg.parallel
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or (
             p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
         dry_run(cfg, world_size)
         return check_data_before_launch(cfg, args.check_data)
->>>>>>> badinputs
     from megatron.training.pretrain import pretrain
 
     pretrain(cfg)

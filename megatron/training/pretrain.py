@@ -63,15 +63,13 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
     # TP rank (duplicated activations must draw equal masks); the tracker's differs per TP rank.
     set_seed(model_parallel_seed(cfg.training.seed, parallel.tp_rank, parallel.pp_rank)[0])
     tracker = build_rng_tracker(cfg, parallel, info.device)
-<<<<<<< HEAD
-    # An evaluation-only run leaves the run's own config.yaml and environment record as training wrote them.
-    if info.rank == 0 and cfg.logging.run_dir and not cfg.training.eval_only:
-=======
     # Rank 0 tries every output directory now, not at the first save hours later; a failure
     # reaches every rank, so the job ends with one message instead of ranks stuck in a collective.
-    on_rank0(lambda: check_output_directories(cfg), "check the output directories")
-    if info.rank == 0 and cfg.logging.run_dir:
->>>>>>> badinputs
+    # An evaluation-only run writes nothing there, and leaves the run's own config.yaml and
+    # environment record as training wrote them.
+    if not cfg.training.eval_only:
+        on_rank0(lambda: check_output_directories(cfg), "check the output directories")
+    if info.rank == 0 and cfg.logging.run_dir and not cfg.training.eval_only:
         save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
         layout = {"tp": parallel.tp_size, "pp": parallel.pp_size, "dp": parallel.dp_size, "zero_stage": p.zero_stage}
         write_environment(cfg.logging.run_dir, describe_environment(
