@@ -95,7 +95,10 @@ def describe_stack(frame) -> tuple[Optional[str], str]:
     The collective is the outermost frame in torch.distributed's or DeepSpeed's communication
     modules: the call the project made (``broadcast_object_list``), not what that call uses."""
     stack = traceback.extract_stack(frame)
-    collective = next((f.name for f in stack if any(part in f.filename for part in _COLLECTIVE_FILES)), None)
+    # Decorators (DeepSpeed's log_wrapper, torch's exception-logging wrapper) and private helpers
+    # are not what the caller called.
+    collective = next((f.name for f in stack if any(part in f.filename for part in _COLLECTIVE_FILES)
+                       and not f.name.startswith("_") and "wrapper" not in f.name), None)
     ours = next((f for f in reversed(stack) if _in_project(f.filename)), None)
     where = f"{os.path.relpath(ours.filename, _PROJECT_ROOT)}:{ours.lineno} in {ours.name}" if ours else "?"
     return collective, where
@@ -274,9 +277,9 @@ class Watchdog:
         return Heartbeat(i.rank, i.host, i.pid, i.tp, i.pp, i.dp, iteration, phase, since, time.time(),
                          collective, where)
 
-    def publish(self) -> Heartbeat:
-        """Write this rank's heartbeat to the store (and return it)."""
-        beat = self.heartbeat()
+    def publish(self, beat: Optional[Heartbeat] = None) -> Heartbeat:
+        """Write this rank's heartbeat (by default, the current one) to the store; return it."""
+        beat = beat if beat is not None else self.heartbeat()
         self._connect().set(f"{self.prefix}{beat.rank}", json.dumps(asdict(beat)))
         return beat
 
@@ -291,13 +294,19 @@ class Watchdog:
     # -- the thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        mine: Optional[Heartbeat] = None
-        while not self._stop.wait(self.interval):
-            try:
-                mine = self.publish()
-            except Exception:  # the store may be down (its host stopped): keep checking our own progress
-                mine = self.heartbeat()
-            if time.time() - mine.since >= self.timeout_s and not self._stop.is_set():
+        # Look every second, publish when the main thread moved on (so that a rank that stops
+        # without warning was last seen where it stopped) or once per interval (to show it lives).
+        published, published_at = None, 0.0
+        while not self._stop.wait(min(self.interval, 1.0)):
+            mine = self.heartbeat()
+            state = (mine.phase, mine.iteration, mine.since)
+            if state != published or mine.beat - published_at >= self.interval:
+                try:
+                    self.publish(mine)
+                    published, published_at = state, mine.beat
+                except Exception:  # the store may be down (its host stopped): keep checking our own progress
+                    pass
+            if mine.beat - mine.since >= self.timeout_s and not self._stop.is_set():
                 self._report(mine)
                 self.exit_fn(EXIT_HANG)
                 return
