@@ -26,7 +26,7 @@ ADDR_A=10.0.0.1
 ADDR_B=10.0.0.2
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "netns_cluster: $*" >&2; exit 1; }
 cannot() { echo "netns_cluster: cannot run here: $*" >&2; exit 3; }
 

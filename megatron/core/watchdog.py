@@ -150,6 +150,7 @@ class Progress:
         self.clock = clock
         self.fault = fault if fault is not None else HangFault.from_env(rank)
         self.state: tuple[str, int, float] = ("start-up", 0, clock())
+        self.changed = threading.Event()  # wakes the watchdog, which publishes the new state
 
     def mark(self, phase: str, iteration: Optional[int] = None) -> None:
         """The main thread enters ``phase`` (or makes progress in it) in ``iteration``
@@ -157,6 +158,7 @@ class Progress:
         if iteration is None:
             iteration = self.state[1]
         self.state = (phase, iteration, self.clock())
+        self.changed.set()
         fault = self.fault
         if fault is not None and fault.phase == phase and fault.iteration == iteration:
             fault.trigger()
@@ -294,10 +296,15 @@ class Watchdog:
     # -- the thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        # Look every second, publish when the main thread moved on (so that a rank that stops
-        # without warning was last seen where it stopped) or once per interval (to show it lives).
+        # Publish when the main thread moves on (so that a rank that stops without warning was last
+        # seen close to where it stopped; at most 20 times a second) and once per interval (to show
+        # that it lives); check its progress every second.
         published, published_at = None, 0.0
-        while not self._stop.wait(min(self.interval, 1.0)):
+        while not self._stop.is_set():
+            self.progress.changed.wait(min(self.interval, 1.0))
+            self.progress.changed.clear()
+            if self._stop.is_set():
+                return
             mine = self.heartbeat()
             state = (mine.phase, mine.iteration, mine.since)
             if state != published or mine.beat - published_at >= self.interval:
@@ -306,10 +313,11 @@ class Watchdog:
                     published, published_at = state, mine.beat
                 except Exception:  # the store may be down (its host stopped): keep checking our own progress
                     pass
-            if mine.beat - mine.since >= self.timeout_s and not self._stop.is_set():
+            if mine.beat - mine.since >= self.timeout_s:
                 self._report(mine)
                 self.exit_fn(EXIT_HANG)
                 return
+            self._stop.wait(0.05)
 
     def _report(self, mine: Heartbeat) -> None:
         limit = f"parallel.distributed_timeout_minutes={self.timeout_s / 60:g}"
