@@ -5,8 +5,10 @@
 #
 #   scripts/netns_cluster.sh start ID            create hosts ID-a (10.0.0.1) and ID-b (10.0.0.2)
 #   scripts/netns_cluster.sh exec ID a|b CMD...  run CMD on that host (its namespace and hostname)
-#   scripts/netns_cluster.sh stop ID [a|b]       SIGKILL every process on both hosts (or on one:
-#                                                a host failing), delete their namespaces
+#   scripts/netns_cluster.sh stop ID             SIGKILL every process on both hosts, delete them
+#   scripts/netns_cluster.sh fail ID a|b         SIGKILL every process on one host, as a node that
+#                                                fails; its network stays (the other host's address
+#                                                lives on the same veth pair)
 #   scripts/netns_cluster.sh run ID PORT -- ARGS...
 #                                                start the hosts, run `torchrun ... pretrain_bloom.py
 #                                                ARGS` on both (2 ranks each, c10d rendezvous on host
@@ -26,7 +28,7 @@ ADDR_A=10.0.0.1
 ADDR_B=10.0.0.2
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "netns_cluster: $*" >&2; exit 1; }
 cannot() { echo "netns_cluster: cannot run here: $*" >&2; exit 3; }
 
@@ -87,25 +89,36 @@ exec_on() {
         sh -c 'hostname "$0" && exec "$@"' "$id-$host" "$@"
 }
 
-stop() {
-    local id="$1" hosts=("${2:-a}") host ns pids left=0
-    [[ -n "${2:-}" ]] || hosts=(a b)
-    for host in "${hosts[@]}"; do
-        ns="$(namespace "$id" "$host")"
-        has_namespace "$ns" || continue
-        for _ in 1 2 3 4 5 6 7 8 9 10; do
-            pids="$(ip netns pids "$ns" 2>/dev/null || true)"
-            [[ -z "$pids" ]] && break
-            # SIGKILL: a rank blocked in a collective ignores SIGTERM; checkpoints are atomic.
-            kill -9 $pids 2>/dev/null || true
-            sleep 0.5
-        done
+# SIGKILL every process in namespace NS; 1 if some survive. SIGKILL: a rank blocked in a
+# collective ignores SIGTERM, and checkpoints are written atomically.
+kill_all_in() {
+    local ns="$1" pids
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
         pids="$(ip netns pids "$ns" 2>/dev/null || true)"
-        [[ -z "$pids" ]] || { echo "netns_cluster: processes still on $ns: $pids" >&2; left=1; }
-        ip netns del "$ns" || left=1
+        [[ -z "$pids" ]] && return 0
+        kill -9 $pids 2>/dev/null || true
+        sleep 0.5
     done
-    for host in "${hosts[@]}"; do
-        rm -rf "/etc/netns/$(namespace "$id" "$host")"
+    pids="$(ip netns pids "$ns" 2>/dev/null || true)"
+    [[ -z "$pids" ]] || { echo "netns_cluster: processes still on $ns: $pids" >&2; return 1; }
+}
+
+fail() {
+    local ns
+    ns="$(namespace "$1" "$2")"
+    has_namespace "$ns" || die "no host $ns"
+    kill_all_in "$ns"
+}
+
+stop() {
+    local id="$1" host ns left=0
+    for host in a b; do
+        ns="$(namespace "$id" "$host")"
+        if has_namespace "$ns"; then
+            kill_all_in "$ns" || left=1
+            ip netns del "$ns" || left=1
+        fi
+        rm -rf "/etc/netns/$ns"
     done
     return "$left"
 }
@@ -136,10 +149,8 @@ cmd="${1:-}"
 case "$cmd" in
     -h|--help|"") usage; [[ -n "$cmd" ]] ;;
     start) check_id "${2:?start needs an ID}"; start "$2" ;;
-    stop)
-        check_id "${2:?stop needs an ID}"
-        [[ -z "${3:-}" ]] || check_host "$3"
-        stop "$2" "${3:-}" ;;
+    stop) check_id "${2:?stop needs an ID}"; stop "$2" ;;
+    fail) check_id "${2:?fail needs an ID}"; check_host "${3:?fail needs a host: a or b}"; fail "$2" "$3" ;;
     exec)
         check_id "${2:?exec needs an ID}"; check_host "${3:?exec needs a host: a or b}"
         [[ $# -ge 4 ]] || die "exec needs a command"

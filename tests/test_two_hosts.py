@@ -13,7 +13,7 @@ The story, on the tiny fp32 model (TP2 x DP2, ranks 0-1 on host A, 2-3 on host B
    ends within ``parallel.distributed_timeout_minutes`` (1 minute) plus a margin, the job exits
    non-zero, and the message names rank 3, host B, its TP/PP/DP coordinates, the iteration and
    the phase;
-3. host B is stopped, and the job relaunched on host A alone, as TP2 x DP1: the layout changed,
+3. host B fails (its processes are killed), and the job is relaunched on host A alone, as TP2 x DP1: the layout changed,
    so the checkpoint is resumed through the universal path;
 4. the reference, the same schedule on one host (TP2 x DP2 for 3 iterations, then TP2 x DP1 to
    the end), gives the same losses within 1e-5.
@@ -196,7 +196,7 @@ def hung_job(cluster, config, tmp_path_factory):
         ended = time.time()
     finally:
         # Host B fails for good: everything on it is killed (the stopped rank too), as a node is lost.
-        subprocess.run(["bash", str(SCRIPT), "stop", cluster, "b"], capture_output=True, text=True, timeout=60)
+        subprocess.run(["bash", str(SCRIPT), "fail", cluster, "b"], capture_output=True, text=True, timeout=60)
         for launch in launches.values():
             if launch.process.poll() is None:
                 launch.wait(timeout=60)
