@@ -158,7 +158,8 @@ def logged_losses(directory: Path) -> dict[int, float]:
 def reference(cluster, config, tmp_path_factory) -> dict[int, float]:
     """The same schedule on one host (host A alone): TP2 x DP2 to iteration 3, then TP2 x DP1."""
     tmp = tmp_path_factory.mktemp("reference")
-    first = Launch(cluster, "a", 1, 4, 29401, config, tmp / "first", run_sets(tmp / "first", exit_interval=SAVED))
+    first = Launch(cluster, "a", 1, 4, 29401, config, tmp / "first",
+                   run_sets(tmp / "first", **{"training.exit_interval": SAVED}))
     assert first.wait() == 0, first.output()[-4000:]
     second = Launch(cluster, "a", 1, 2, 29402, config, tmp / "second",
                     run_sets(tmp / "second", load=tmp / "first" / "checkpoints"))
