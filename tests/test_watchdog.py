@@ -2,7 +2,8 @@
 
 The end-to-end hang across two hosts, with the training loop and a SIGSTOPped rank, is in
 tests/test_two_hosts.py (``make test-hosts``); here: the diagnosis from heartbeats, a rank whose
-data loading never returns in a real two-rank gloo job, and a torchrun agent killed with -9.
+data loading never returns in a real two-rank gloo job, and a torchrun agent killed with -9; and,
+in ``make test-slow``, ranks of pretrain_bloom.py stuck in evaluation and in data loading.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO
 from launch import run_command
 from megatron.core.watchdog import EXIT_HANG, FAULT_ENV, HangFault, Heartbeat, diagnose
+from training_utils import synthetic_corpus, tiny_run
 
 WORKER = REPO / "tests" / "hang_worker.py"
 NOW = 1_000_000.0
@@ -129,3 +132,28 @@ def test_workers_die_within_seconds_when_torchrun_is_killed():
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)
             agent.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("phase", ["evaluation", "data loading"])
+def test_the_training_loop_names_a_rank_stuck_in(phase, tmp_path):
+    """Through pretrain_bloom.py (TP2 over two ranks): rank 1 hangs in ``phase`` at iteration 2;
+    both ranks end within the timeout (0.25 min here) plus a margin, naming rank 1 and the phase."""
+    timeout_s = 15
+    body = tiny_run(tmp_path, synthetic_corpus(tmp_path / "corpus"),
+                    parallel={"tensor_model_parallel_size": 2, "distributed_timeout_minutes": timeout_s / 60},
+                    training={"train_iters": 4}, logging={"eval_interval": 2, "eval_iters": 1})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(body))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", FAULT_ENV: f"1:{phase}:2:sleep"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "pretrain_bloom.py", "--config", str(config)]
+    result = run_command(command, timeout=300, cwd=REPO, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    hung_at = float(re.search(r"fault injection: rank 1 hangs \(sleep\) .* at ([0-9.]+)", output).group(1))
+    assert output.count(f"exitcode  : {EXIT_HANG}") == 2, output[-3000:]
+    assert re.search(rf"stuck: rank 1 on \S+ \(TP 1, PP 0, DP 0\), pid \d+: alive but busy outside any collective "
+                     rf"for \d+ s while other ranks wait; iteration 2, phase '{phase}'", output), output[-3000:]
+    assert time.time() - hung_at <= timeout_s + 30, "the job outlived the timeout by more than 30 s"

@@ -94,7 +94,9 @@ def describe_stack(frame) -> tuple[Optional[str], str]:
 
     The collective is the outermost frame in torch.distributed's or DeepSpeed's communication
     modules: the call the project made (``broadcast_object_list``), not what that call uses."""
-    stack = traceback.extract_stack(frame)
+    # Outermost frame first; source lines are not read (file I/O on every heartbeat otherwise).
+    stack = traceback.StackSummary.extract(traceback.walk_stack(frame), lookup_lines=False)
+    stack.reverse()
     # Decorators (DeepSpeed's log_wrapper, torch's exception-logging wrapper) and private helpers
     # are not what the caller called.
     collective = next((f.name for f in stack if any(part in f.filename for part in _COLLECTIVE_FILES)
