@@ -97,8 +97,8 @@ class ParallelConfig:
     # Every N steps (and at each save) check that TP-duplicated parameters agree across TP ranks.
     tp_sync_check_interval: Optional[int] = 100
     # Megatron's --distributed-timeout-minutes (default 10): the process groups' timeout, and how
-    # long any rank may go without progress before the job stops and names the rank that is stuck
-    # (megatron/core/watchdog.py). Fractions are allowed (0.5: thirty seconds), for tests.
+    # long any rank may go without progress once start-up is over before the job stops and names the
+    # rank that is stuck (megatron/core/watchdog.py). Fractions are allowed (0.5: thirty seconds).
     distributed_timeout_minutes: float = 10.0
 
 

@@ -152,7 +152,9 @@ def test_the_training_loop_names_a_rank_stuck_in(phase, tmp_path):
     result = run_command(command, timeout=300, cwd=REPO, env=env)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
-    hung_at = float(re.search(r"fault injection: rank 1 hangs \(sleep\) .* at ([0-9.]+)", output).group(1))
+    found = re.search(r"fault injection: rank 1 hangs \(sleep\) .* at ([0-9.]+)", output)
+    assert found, "rank 1 never reached the injected hang:\n" + output[-3000:]
+    hung_at = float(found.group(1))
     assert output.count(f"exitcode  : {EXIT_HANG}") == 2, output[-3000:]
     assert re.search(rf"stuck: rank 1 on \S+ \(TP 1, PP 0, DP 0\), pid \d+: alive but busy outside any collective "
                      rf"for \d+ s while other ranks wait; iteration 2, phase '{phase}'", output), output[-3000:]

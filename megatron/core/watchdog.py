@@ -14,6 +14,11 @@ runs a :class:`Watchdog` thread that, every few seconds,
   rank(s) (:func:`diagnose`) and ends the process with :data:`EXIT_HANG`. A main thread blocked
   in a collective ignores SIGTERM, so the exit is ``os._exit`` from this thread.
 
+Start-up (building the datasets, the model and the engine, loading or converting a checkpoint) is
+published but not timed: one rank may compile DeepSpeed's ops on first use, or convert a
+checkpoint, for longer than the timeout while the others wait; their collectives still end with
+the process groups' timeout. From the first validation batch read on, every phase is timed.
+
 A rank is named stuck when its heartbeat stopped (the process is stopped, dead, or its host is
 unreachable) or when it is alive but outside any collective while the others wait for it.
 Clocks of the hosts are assumed synchronised to within a few seconds (NTP), as on any cluster.
@@ -85,6 +90,8 @@ class Heartbeat:
 
 
 def _in_project(filename: str) -> bool:
+    if filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>: no file of ours
+        return False
     path = os.path.abspath(filename)
     return path.startswith(str(_PROJECT_ROOT) + os.sep) and os.sep + "site-packages" + os.sep not in path
 
@@ -151,15 +158,18 @@ class Progress:
     def __init__(self, rank: int = 0, clock: Callable[[], float] = time.time, fault: Optional[HangFault] = None):
         self.clock = clock
         self.fault = fault if fault is not None else HangFault.from_env(rank)
-        self.state: tuple[str, int, float] = ("start-up", 0, clock())
+        # (phase, iteration, since, watched): only watched phases may not outlast the timeout.
+        self.state: tuple[str, int, float, bool] = ("start-up", 0, clock(), False)
         self.changed = threading.Event()  # wakes the watchdog, which publishes the new state
 
-    def mark(self, phase: str, iteration: Optional[int] = None) -> None:
+    def mark(self, phase: str, iteration: Optional[int] = None, watched: bool = True) -> None:
         """The main thread enters ``phase`` (or makes progress in it) in ``iteration``
-        (None: the iteration last reported)."""
+        (None: the iteration last reported). An unwatched phase is published but may last longer
+        than the timeout: start-up, where one rank may compile DeepSpeed's ops on first use or
+        convert a checkpoint while the others wait (their collectives still time out)."""
         if iteration is None:
             iteration = self.state[1]
-        self.state = (phase, iteration, self.clock())
+        self.state = (phase, iteration, self.clock(), watched)
         self.changed.set()
         fault = self.fault
         if fault is not None and fault.phase == phase and fault.iteration == iteration:
@@ -274,7 +284,7 @@ class Watchdog:
 
     def heartbeat(self) -> Heartbeat:
         """This rank's heartbeat now."""
-        phase, iteration, since = self.progress.state
+        phase, iteration, since, _ = self.progress.state
         frame = sys._current_frames().get(self._main.ident)
         collective, where = describe_stack(frame) if frame is not None else (None, "?")
         i = self.identity
@@ -315,7 +325,7 @@ class Watchdog:
                     published, published_at = state, mine.beat
                 except Exception:  # the store may be down (its host stopped): keep checking our own progress
                     pass
-            if mine.beat - mine.since >= self.timeout_s:
+            if self.progress.state[3] and mine.beat - mine.since >= self.timeout_s:
                 self._report(mine)
                 self.exit_fn(EXIT_HANG)
                 return
@@ -337,8 +347,8 @@ class Watchdog:
         stuck = diagnose(beats, self.identity.world_size, now, self.stale_s)
         lines = [head + "."]
         lines += [f"stuck: {reason}" for _, reason in stuck] or [
-            "stuck: no rank stands out (every rank is alive and waiting in a collective: ranks called different "
-            "collectives, or one never arrives); the ranks' states follow"]
+            "stuck: no rank stands out (every rank is alive, and either all wait in collectives, which means that "
+            "ranks called different collectives, or none does); the ranks' states follow"]
         if first or not stuck:  # the first rank to report lists every rank; the others name the stuck one only
             for rank in range(self.identity.world_size):
                 b = beats[rank]

@@ -88,9 +88,9 @@ def _run(cfg: Config, info: DistributedInfo, parallel: ParallelState, precision,
         layout = {"tp": parallel.tp_size, "pp": parallel.pp_size, "dp": parallel.dp_size, "zero_stage": p.zero_stage}
         write_environment(cfg.logging.run_dir, describe_environment(
             cfg, info.world_size, layout, info.device, precision.name, precision.reason))
-    progress.mark("building the datasets")
+    progress.mark("building the datasets", watched=False)
     data = build_training_data(cfg, parallel)
-    progress.mark("building the model")
+    progress.mark("building the model", watched=False)
     model = build_network(cfg, parallel, info.device, tracker)
     rampup = BatchSizeRampup.from_config(cfg.training)
     checkpointer = Checkpointer(cfg, parallel, tracker)
@@ -103,7 +103,7 @@ def _run(cfg: Config, info: DistributedInfo, parallel: ParallelState, precision,
     # With a pipeline DeepSpeed builds its grid from the PipelineModule's topology and refuses an mpu.
     engine_for = functools.partial(build_engine, cfg, model, parallel.dp_size, rampup(0),
                                    mpu=None if parallel.pp_enabled else parallel)
-    progress.mark("building the engine and loading the checkpoint")
+    progress.mark("building the engine and loading the checkpoint", watched=False)
     resumed = checkpointer.resume(engine_for, search=weights_only is None)
     logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard_dir, info.rank)
     try:
