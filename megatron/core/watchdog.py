@@ -229,8 +229,8 @@ def diagnose(beats: dict[int, Optional[Heartbeat]], world_size: int, now: float,
     for rank in range(world_size):
         b = beats.get(rank)
         if b is None:
-            stuck.append((rank, f"rank {rank}: no heartbeat at all (it never reached the training loop's start-up, "
-                                "or could not reach the store)"))
+            stuck.append((rank, f"rank {rank}: no heartbeat at all (it never got past setting up the process groups, "
+                                "or cannot reach the store)"))
         elif now - b.beat > stale_s:
             stuck.append((rank, f"{b.place()}: no heartbeat for {now - b.beat:.0f} s (the process is stopped, dead, "
                                 f"or its host unreachable); last seen in {b.activity()}"))
