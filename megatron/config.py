@@ -97,6 +97,10 @@ class ParallelConfig:
     pp_partition_method: str = "type:transformer|embedding"
     # Every N steps (and at each save) check that TP-duplicated parameters agree across TP ranks.
     tp_sync_check_interval: Optional[int] = 100
+    # Megatron's --distributed-timeout-minutes (default 10): the process groups' timeout, and how
+    # long any rank may go without progress once start-up is over before the job stops and names the
+    # rank that is stuck (megatron/core/watchdog.py). Fractions are allowed (0.5: thirty seconds).
+    distributed_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -286,6 +290,9 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
         _require(0.0 <= value < 1.0, f"model.{name} must be in [0, 1), got {value}")
     _require(m.init_method_std > 0, f"model.init_method_std must be positive, got {m.init_method_std}")
 
+    _require(p.distributed_timeout_minutes > 0,
+             f"parallel.distributed_timeout_minutes must be positive, got {p.distributed_timeout_minutes}: "
+             "Megatron's default is 10; a rank that makes no progress for that long stops the job")
     _require(tp >= 1 and pp >= 1, "parallel.tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
     _require(
         m.num_attention_heads % tp == 0,

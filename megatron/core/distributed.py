@@ -1,6 +1,10 @@
 """Starting the default process group the same way under torchrun, srun, deepspeed or plain python;
 and ``on_rank0``, for work one process does on behalf of all.
 
+A process started by a launcher dies with it (:func:`die_with_launcher`): a torchrun agent killed
+by a test's timeout or a node failure must not leave its workers training on as orphans, and a
+worker blocked in a collective ignores SIGTERM.
+
 torchrun and the deepspeed launcher set RANK / WORLD_SIZE / LOCAL_RANK; srun sets SLURM_*
 instead, and without RANK DeepSpeed would try MPI discovery (and fail without mpi4py), so the
 SLURM variables are translated first. A plain ``python pretrain_bloom.py`` runs as a world of one.
@@ -8,9 +12,14 @@ SLURM variables are translated first. A plain ``python pretrain_bloom.py`` runs 
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, TypeVar
 
 import torch
@@ -18,6 +27,11 @@ import torch
 from megatron.errors import ProjectError, ReportedByRank0
 
 T = TypeVar("T")
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The process groups time out this much later than the watchdog (megatron/core/watchdog.py), whose
+# report names the stuck rank where gloo's or NCCL's own timeout error would not.
+PROCESS_GROUP_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -52,10 +66,44 @@ def _fill_launcher_env() -> None:
         env["MASTER_PORT"] = str(_free_port())
 
 
-def init_distributed() -> DistributedInfo:
-    """Initialise the default group (NCCL on GPUs, gloo on CPU) once; return this rank's place."""
+def launched_by_launcher(environ=os.environ) -> bool:
+    """Whether a launcher started this process: torchrun, the deepspeed launcher and
+    multiprocessing-based ones set LOCAL_RANK, srun sets SLURM_PROCID."""
+    return "LOCAL_RANK" in environ or "SLURM_PROCID" in environ
+
+
+def die_with_launcher() -> bool:
+    """Have the kernel SIGKILL this process when its parent (the launcher) dies; True when set.
+
+    SIGKILL, not SIGTERM: training turns SIGTERM into a save at the next step boundary
+    (megatron/training/lifecycle.py), which a rank blocked in a collective never reaches. Linux
+    only (prctl PR_SET_PDEATHSIG); elsewhere a warning says so and nothing changes."""
+    log = logging.getLogger(__name__)
+    if not sys.platform.startswith("linux"):
+        log.warning("not on Linux: this process will not stop by itself if its launcher dies")
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this process will not stop by itself if its "
+                    "launcher dies", ctypes.get_errno())
+        return False
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os._exit(1)
+    return True
+
+
+def init_distributed(timeout_minutes: float = 10.0) -> DistributedInfo:
+    """Initialise the default group (NCCL on GPUs, gloo on CPU) once; return this rank's place.
+
+    ``timeout_minutes`` is ``parallel.distributed_timeout_minutes``: the process groups wait
+    :data:`PROCESS_GROUP_GRACE_S` longer, so that the watchdog names a stuck rank first. Under a
+    launcher, this process is made to die with it (:func:`die_with_launcher`).
+    """
     import deepspeed
 
+    if launched_by_launcher():
+        die_with_launcher()
     _fill_launcher_env()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -64,7 +112,8 @@ def init_distributed() -> DistributedInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=timeout_minutes * 60 + PROCESS_GROUP_GRACE_S))
     return DistributedInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 
 

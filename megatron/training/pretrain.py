@@ -5,6 +5,7 @@ data, model and engine (resuming from the newest checkpoint), then hands them to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -19,9 +20,10 @@ from megatron.checkpoint.checkpointing import Checkpointer
 from megatron.checkpoint.layer_files import is_layer_files_only, load_layer_files_into, resolve_checkpoint_dir
 from megatron.checkpoint.store import CheckpointStore
 from megatron.config import Config, ConfigError, LoggingConfig, save_config
-from megatron.core.distributed import init_distributed, on_rank0, shutdown_distributed
+from megatron.core.distributed import DistributedInfo, init_distributed, on_rank0, shutdown_distributed
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import MODEL_PARALLEL_RNG, RNGStatesTracker, model_parallel_seed
+from megatron.core.watchdog import Identity, Progress, Watchdog
 from megatron.errors import ConversionError
 from megatron.model.bloom import build_model
 from megatron.model.kernels import select_adam, select_kernels
@@ -52,13 +54,32 @@ def pretrain(cfg: Config, on_finish: Optional[Callable[[Any, ParallelState], Non
 
 
 def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
-    info = init_distributed()
+    info = init_distributed(cfg.parallel.distributed_timeout_minutes)
     cfg.validate(info.world_size)
     configure_logging(info.rank, cfg.logging)
     cfg, precision = resolve_precision(cfg, info.device)
     announce(precision, info.rank)
     p = cfg.parallel
     parallel = ParallelState(info.world_size, info.rank, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    progress = Progress(info.rank)
+    with watching(progress, info, parallel, p.distributed_timeout_minutes):
+        return _run(cfg, info, parallel, precision, lifecycle, progress, on_finish)
+
+
+def watching(progress: Progress, info: DistributedInfo, parallel: ParallelState,
+             timeout_minutes: float) -> contextlib.AbstractContextManager:
+    """The watchdog of this rank (megatron/core/watchdog.py) while the block runs; none in a world
+    of one, where no rank waits for another (and a long phase has no process-group timeout)."""
+    if info.world_size == 1:
+        return contextlib.nullcontext()
+    identity = Identity.of_this_process(info.rank, info.world_size, parallel.tp_rank, parallel.pp_rank,
+                                        parallel.dp_rank)
+    return Watchdog(progress, identity, timeout_minutes * 60)
+
+
+def _run(cfg: Config, info: DistributedInfo, parallel: ParallelState, precision, lifecycle: RunLifecycle,
+         progress: Progress, on_finish) -> TrainState:
+    p = cfg.parallel
     # Megatron's seeds: the default stream differs per pipeline stage (different layers), not per
     # TP rank (duplicated activations must draw equal masks); the tracker's differs per TP rank.
     set_seed(model_parallel_seed(cfg.training.seed, parallel.tp_rank, parallel.pp_rank)[0])
@@ -74,7 +95,9 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
         layout = {"tp": parallel.tp_size, "pp": parallel.pp_size, "dp": parallel.dp_size, "zero_stage": p.zero_stage}
         write_environment(cfg.logging.run_dir, describe_environment(
             cfg, info.world_size, layout, info.device, precision.name, precision.reason))
+    progress.mark("building the datasets", watched=False)
     data = build_training_data(cfg, parallel)
+    progress.mark("building the model", watched=False)
     model = build_network(cfg, parallel, info.device, tracker)
     rampup = BatchSizeRampup.from_config(cfg.training)
     checkpointer = Checkpointer(cfg, parallel, tracker)
@@ -87,15 +110,17 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
     # With a pipeline DeepSpeed builds its grid from the PipelineModule's topology and refuses an mpu.
     engine_for = functools.partial(build_engine, cfg, model, parallel.dp_size, rampup(0),
                                    mpu=None if parallel.pp_enabled else parallel)
+    progress.mark("building the engine and loading the checkpoint", watched=False)
     resumed = checkpointer.resume(engine_for, search=weights_only is None)
     logger = MetricsLogger(cfg.logging.run_dir, cfg.logging.tensorboard_dir, info.rank, WandbSettings.from_config(cfg))
     try:
-        trainer = Trainer(cfg, info, parallel, resumed, data, logger, checkpointer, lifecycle)
+        trainer = Trainer(cfg, info, parallel, resumed, data, logger, checkpointer, lifecycle, progress)
         state = trainer.train()
         if on_finish is not None:
             on_finish(resumed.engine, parallel)
     finally:
         logger.close()
+        progress.mark("shutdown")
         shutdown_distributed()
     return state
 

@@ -28,6 +28,7 @@ from megatron.config import Config
 from megatron.core.distributed import DistributedInfo
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import check_tp_duplicates_in_sync
+from megatron.core.watchdog import Progress
 from megatron.errors import ProjectError
 from megatron.training.data import TrainingData
 from megatron.training.engine import set_learning_rate
@@ -93,10 +94,12 @@ class Trainer:
     ``resumed`` holds the engine and the checkpoint it was loaded from, if any: the loop
     continues from that checkpoint's state, and its random streams are restored once the data
     iterator exists, so the resumed run draws exactly what the uninterrupted run drew.
+    ``progress`` hears of every phase and micro-batch, for the watchdog (megatron/core/watchdog.py).
     """
 
     def __init__(self, cfg: Config, info: DistributedInfo, parallel: ParallelState, resumed: Resumed,
-                 data: TrainingData, logger: MetricsLogger, checkpointer: Checkpointer, lifecycle: RunLifecycle):
+                 data: TrainingData, logger: MetricsLogger, checkpointer: Checkpointer, lifecycle: RunLifecycle,
+                 progress: Optional[Progress] = None):
         self.cfg = cfg
         self.info = info
         self.parallel = parallel
@@ -107,6 +110,7 @@ class Trainer:
         self.state = TrainState.from_dict(loaded.train_state) if loaded is not None else TrainState()
         self.checkpointer = checkpointer
         self.lifecycle = lifecycle
+        self.progress = progress if progress is not None else Progress(info.rank)
         self.stop_reason: Optional[str] = None  # why the run stopped before the end, if it did
         # A resumed run need not save again before its first step (same directory only).
         same_directory = cfg.checkpoint.load == cfg.checkpoint.save
@@ -117,9 +121,11 @@ class Trainer:
         self.train_samples = total_train_samples(cfg.training, self.rampup)
         self.total_iterations = total_train_iterations(cfg.training, self.rampup)
         self.schedule = LearningRateSchedule.from_config(cfg.optimizer, self.train_samples, cfg.model.seq_length)
-        self._batches: Iterator[dict[str, torch.Tensor]] = iter(data.train_loader(self.state.consumed_samples))
+        self._batches: Iterator[dict[str, torch.Tensor]] = self.progress.batches(
+            data.train_loader(self.state.consumed_samples))
         # Every evaluation reads the same batches: read them once. Their loaders' draws from torch's
         # generator are undone here and made at each evaluation instead (see evaluate).
+        self.progress.mark("reading the validation batches")
         with torch.random.fork_rng(devices=[]):
             wanted = cfg.logging.eval_interval or cfg.training.eval_only
             self._valid_batches = data.valid_batches(cfg.logging.eval_iters) if wanted else {}
@@ -174,6 +180,7 @@ class Trainer:
         biases) differ: BLOOM-176B lost weeks to such copies drifting apart."""
         if not self.parallel.tp_enabled:
             return
+        self.progress.mark("tensor-parallel sync check", self.state.iteration)
         differing = check_tp_duplicates_in_sync(self.engine.module, self.parallel.tp_group)
         if differing:
             raise RuntimeError(
@@ -231,6 +238,7 @@ class Trainer:
         progress = ProgressLines(f"validation at iteration {self.state.iteration}", len(sets), self.info.rank == 0)
         for done, (name, batches) in enumerate(sets.items()):
             progress.update(done)
+            self.progress.mark("evaluation", self.state.iteration)
             losses[name] = self.steps.evaluate(batches)
         self.engine.train()
         return losses
@@ -260,6 +268,7 @@ class Trainer:
             self._log_eval()
         while s.iteration < total:
             start = time.perf_counter()
+            self.progress.mark("train step", s.iteration + 1)
             step = self.skip_step() if self.lifecycle.skips(s.iteration + 1) else self.train_step()
             if not step.data_skipped:  # a skipped iteration's data is read, not trained on
                 window_time += time.perf_counter() - start
@@ -276,6 +285,7 @@ class Trainer:
                 self.check_tp_duplicates()
             if save_every and cfg.checkpoint.save and s.iteration % save_every == 0 and s.iteration != total:
                 self.save()
+            self.progress.mark("stop check", s.iteration)
             self.stop_reason = self.lifecycle.check(s.iteration)
             if self.stop_reason:
                 break
@@ -324,6 +334,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the engine and the loop's state (see megatron.checkpoint.checkpointing)."""
         self.check_tp_duplicates()
+        self.progress.mark("checkpoint save", self.state.iteration)
         self.checkpointer.save(self.engine, asdict(self.state), self._next_schedule())
         self._saved_iteration = self.state.iteration
 
