@@ -29,11 +29,12 @@ INVERTED: dict[str, str] = {
     "model.masked_softmax_fusion": "--no-masked-softmax-fusion",
 }
 # Fields no Megatron-DeepSpeed flag sets (vocab_size: Megatron reads it from the tokenizer;
-# sequence_parallel and the wandb_* fields are Megatron-LM's, which BLOOM's code predates).
+# sequence_parallel, distributed_timeout_minutes and the wandb_* fields are Megatron-LM's, which
+# BLOOM's code predates).
 OURS: frozenset[str] = frozenset({
     "model.vocab_size", "model.use_fused_kernels", "model.cross_entropy_loss_fusion",
     "model.attention_implementation", "model.layernorm_fusion",
-    "parallel.sequence_parallel", "parallel.tp_sync_check_interval",
+    "parallel.sequence_parallel", "parallel.tp_sync_check_interval", "parallel.distributed_timeout_minutes",
     "training.max_consecutive_skipped_steps",
     "optimizer.adam_implementation",
     "data.datasets_file", "data.alpha", "data.cache_dir",
