@@ -278,7 +278,7 @@ class Checkpointer:
             else:
                 logger.info("converting %s to a universal checkpoint %s in this job; the other ranks wait for it. "
                             "To convert ahead of a job: %s", source, target,
-                            offline_command(source, target, pipelined, num_layers, workers))
+                            offline_command(source, target, workers))
 
         on_rank0(prepare, f"prepare the universal conversion of {source}")
         if self.rank == 0:

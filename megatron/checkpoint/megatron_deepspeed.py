@@ -76,8 +76,8 @@ def describe(path: Path) -> dict[str, Any]:
     state = safe_load(first)
     args = state.get("args")
     if args is None:
-        raise ConversionError(f"{first} has no 'args': it was not written by Megatron-DeepSpeed (nor by this "
-                              "framework, which would have written manifest.json)")
+        raise ConversionError(f"{path / MANIFEST_FILE} is missing and {first.name} has no 'args' (Megatron-DeepSpeed's "
+                              "client state): the save was interrupted, or the directory was written by other code")
     tp = int(getattr(args, "tensor_model_parallel_size", 1))
     pp = int(getattr(args, "pipeline_model_parallel_size", 1))
     engine_files = [engine_state_file_name(i) for i in range(tp * pp)]

@@ -62,7 +62,7 @@ STAGING_SUFFIX = ".tmp"
 FAILED_SUFFIX = ".failed"  # the in-job conversion's failure note, read by the ranks waiting for it
 _PROGRESS = "progress"
 _FRAGMENTS = "tmp"  # DeepSpeed's merge reads fragments from here
-_STATES = ("fp32", "exp_avg", "exp_avg_sq")
+MIN_BYTES_FOR_WORKERS = 256 * 2**20
 
 
 @dataclass
@@ -114,12 +114,13 @@ class _Plan:
 # -- the conversion ----------------------------------------------------------------------------
 
 
-def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_target: bool, num_layers: int,
-                         workers: int = 1, progress: bool = False,
+def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_target: Optional[bool] = None,
+                         num_layers: Optional[int] = None, workers: int = 1, progress: bool = False,
                          universal_info: Optional[dict[str, Any]] = None) -> ConversionReport:
     """Convert ``checkpoint_dir`` (a ``global_stepN`` folder) into ``output_dir``, atomically and
     resumably (see the module docstring); parameter folders are named for a pipelined (or
-    single-module) target. ``universal_info`` is used when the checkpoint carries no
+    single-module) target, or as in the source when ``pipelined_target`` is None (a resuming
+    job renames them for its engine, which takes seconds). ``universal_info`` is used when the checkpoint carries no
     ``universal_checkpoint_info`` (Megatron-DeepSpeed's BLOOM checkpoints predate it); by default
     BLOOM's is derived from the checkpoint. ``progress`` shows tqdm bars (on a terminal).
     """
@@ -128,7 +129,8 @@ def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_targe
     report = ConversionReport(checkpoint_dir, output_dir, sum(p.stat().st_size for p in source_files),
                               workers=max(1, workers))
     if universal.is_complete(output_dir):
-        universal.rename_parameters(output_dir, pipelined_target, num_layers)
+        if pipelined_target is not None:
+            universal.rename_parameters(output_dir, pipelined_target, num_layers)
         report.reused = True
         return report
     timer = _PhaseTimer(report)
@@ -142,10 +144,15 @@ def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_targe
             _convert_with_deepspeed(checkpoint_dir, staging, workers)
     else:
         report.shards, report.parameters = len(plan.shard_files), len(plan.slice_shapes)
-        with timer("extract"):
-            report.resumed_shards = _extract(plan, staging, workers, progress)
-        with timer("merge"):
-            report.resumed_parameters, unmatched = _merge(plan, staging, workers, progress)
+        # Starting a worker costs seconds (it imports torch and DeepSpeed): not worth it for a small
+        # checkpoint, and one pool serves both phases.
+        if report.source_bytes < MIN_BYTES_FOR_WORKERS:
+            report.workers = 1
+        with _pool(report.workers) as pool:
+            with timer("extract"):
+                report.resumed_shards = _extract(plan, staging, pool, progress)
+            with timer("merge"):
+                report.resumed_parameters, unmatched = _merge(plan, staging, pool, progress)
         if unmatched:
             raise ConversionError(f"{checkpoint_dir}: universal_checkpoint_info patterns {sorted(unmatched)} match no "
                                   "parameter: the checkpoint's patterns do not describe this model")
@@ -231,7 +238,7 @@ def _prepare_staging(staging: Path, source_files: list[Path]) -> None:
 # -- phase 1: extract ----------------------------------------------------------------------------
 
 
-def _extract(plan: _Plan, staging: Path, workers: int, progress: bool) -> int:
+def _extract(plan: _Plan, staging: Path, pool: Optional[ProcessPoolExecutor], progress: bool) -> int:
     done_dir = staging / _PROGRESS / "extract"
     tasks = []
     for (pp, tp, dp), path in sorted(plan.shard_files.items()):
@@ -239,7 +246,7 @@ def _extract(plan: _Plan, staging: Path, workers: int, progress: bool) -> int:
         if not marker.exists():
             skip = plan.uc_info.get("pipeline_replicated_parameter_patterns", []) if pp > 0 else []
             tasks.append((str(path), str(staging / _FRAGMENTS), tp, dp, skip, str(marker)))
-    _run(extract_shard, tasks, workers, progress, "extract")
+    _run(extract_shard, tasks, pool, progress, "extract")
     return len(plan.shard_files) - len(tasks)
 
 
@@ -293,7 +300,7 @@ def _drop_pages(tensor: torch.Tensor) -> None:
 # -- phase 2: merge ------------------------------------------------------------------------------
 
 
-def _merge(plan: _Plan, staging: Path, workers: int, progress: bool) -> tuple[int, set[str]]:
+def _merge(plan: _Plan, staging: Path, pool: Optional[ProcessPoolExecutor], progress: bool) -> tuple[int, set[str]]:
     done_dir = staging / _PROGRESS / "merge"
     tasks, unmatched_sets = [], []
     for name, shapes in sorted(plan.slice_shapes.items()):
@@ -304,7 +311,7 @@ def _merge(plan: _Plan, staging: Path, workers: int, progress: bool) -> tuple[in
         shapes = [list(s) if s is not None else None for s in shapes]
         tasks.append((plan.uc_info, str(staging / "zero"), str(staging / _FRAGMENTS), plan.tp, name, shapes,
                       str(marker)))
-    unmatched_sets += [set(result) for result in _run(merge_parameter, tasks, workers, progress, "merge")]
+    unmatched_sets += [set(result) for result in _run(merge_parameter, tasks, pool, progress, "merge")]
     unmatched = set.intersection(*unmatched_sets) if unmatched_sets else set()
     return len(plan.slice_shapes) - len(tasks), unmatched
 
@@ -372,15 +379,16 @@ def _convert_with_deepspeed(checkpoint_dir: Path, staging: Path, workers: int) -
                               f"output was:\n{log.getvalue()[-2000:]}") from exc
 
 
-def _commit(staging: Path, output_dir: Path, checkpoint_dir: Path, pipelined_target: bool, num_layers: int,
-            report: ConversionReport) -> None:
+def _commit(staging: Path, output_dir: Path, checkpoint_dir: Path, pipelined_target: Optional[bool],
+            num_layers: Optional[int], report: ConversionReport) -> None:
     shutil.rmtree(staging / _PROGRESS, ignore_errors=True)
     names = [p.name for p in (staging / "zero").iterdir() if p.is_dir()]
     naming = "pipeline" if any(is_pipeline_name(n) for n in names) else "flat"
     marker = {"source": checkpoint_dir.name, "naming": naming, "seconds": report.seconds,
               "source_bytes": report.source_bytes}
     (staging / universal.UNIVERSAL_MARKER).write_text(json.dumps(marker) + "\n")
-    universal.rename_parameters(staging, pipelined_target, num_layers)
+    if pipelined_target is not None:
+        universal.rename_parameters(staging, pipelined_target, num_layers)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     fsync_tree(staging)
@@ -405,32 +413,40 @@ class _PhaseTimer:
         logger.info("universal conversion: %s took %.1f s", phase, self.report.seconds[phase])
 
 
-def _run(fn: Callable[..., Any], tasks: list[tuple], workers: int, progress: bool, phase: str) -> list[Any]:
-    """``fn(*task)`` for every task, in ``workers`` spawned processes (spawn: safe to start from a
-    training process with communication threads), with a tqdm bar on a terminal."""
+@contextlib.contextmanager
+def _pool(workers: int):
+    """``workers`` spawned processes (spawn: safe to start from a training process with
+    communication threads), or None to work in this process."""
+    if workers <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        yield pool
+
+
+def _run(fn: Callable[..., Any], tasks: list[tuple], pool: Optional[ProcessPoolExecutor], progress: bool,
+         phase: str) -> list[Any]:
+    """``fn(*task)`` for every task, in ``pool`` (or here), with a tqdm bar when ``progress``."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(tasks), desc=phase, unit="task", disable=None if progress else True)
+    bar = tqdm(total=len(tasks), desc=phase, unit="task", disable=not progress)
     results = []
     try:
-        if workers <= 1 or len(tasks) <= 1:
+        if pool is None:
             for task in tasks:
                 results.append(fn(*task))
                 bar.update()
             return results
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(fn, *task) for task in tasks]):
-                results.append(future.result())
-                bar.update()
+        for future in as_completed([pool.submit(fn, *task) for task in tasks]):
+            results.append(future.result())
+            bar.update()
         return results
     finally:
         bar.close()
 
 
-def offline_command(checkpoint_dir: Path, output_dir: Path, pipelined_target: bool, num_layers: int,
-                    workers: int) -> str:
-    """The ``tools/convert_checkpoint.py`` command that does the same conversion outside the job."""
-    target = "pipeline" if pipelined_target else "flat"
-    return (f"python tools/convert_checkpoint.py {checkpoint_dir} --output {output_dir} --target-naming {target} "
-            f"--num-layers {num_layers} --workers {workers}")
+def offline_command(checkpoint_dir: Path, output_dir: Path, workers: int) -> str:
+    """The ``tools/convert_checkpoint.py`` command that does the same conversion outside the job
+    (the job then only renames parameter folders for its engine)."""
+    return f"python tools/convert_checkpoint.py {checkpoint_dir} --output {output_dir} --workers {workers}"
 
