@@ -49,10 +49,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4,
                         help="worker processes for the extract and merge phases (default 4; each holds at most "
                              "one parameter's shards)")
+    parser.add_argument("--merge-workers", type=int, default=None,
+                        help="worker processes for the merge phase (default: --workers); each holds up to twice one "
+                             "parameter's full state (BLOOM-176B's embedding: 2 x 14.4 GB), so fewer may be wiser")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (none either off a terminal)")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.workers < 1 or (args.merge_workers is not None and args.merge_workers < 1):
+        parser.error(f"--workers and --merge-workers must be >= 1, got {args.workers} and {args.merge_workers}")
     return args
 
 
@@ -92,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = resolve_source(args.checkpoint, args.step)
         output = Path(args.output) if args.output else source.with_name(universal_tag(source.name))
         print(f"converting {source} to {output} with {args.workers} worker(s)", flush=True)
-        report = convert_to_universal(source, output, workers=args.workers, progress=show_progress(args.quiet))
+        report = convert_to_universal(source, output, workers=args.workers, merge_workers=args.merge_workers,
+                                      progress=show_progress(args.quiet))
     except KeyboardInterrupt:
         kept = f"; the finished part is kept in {output}{STAGING_SUFFIX}: run the same command to resume" \
             if output else ""

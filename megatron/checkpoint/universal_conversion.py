@@ -76,7 +76,8 @@ class ConversionReport:
     shards: int = 0
     resumed_shards: int = 0  # skipped: extracted by an earlier, interrupted run
     resumed_parameters: int = 0
-    workers: int = 1
+    workers: int = 1  # extract workers
+    merge_workers: int = 1
     seconds: dict[str, float] = field(default_factory=dict)
     reused: bool = False  # the output was already complete
 
@@ -95,7 +96,7 @@ class ConversionReport:
                    if self.resumed_shards or self.resumed_parameters else "")
         return (f"converted {self.source} ({self.source_bytes / 1e9:.2f} GB, {self.shards} optimizer shards, "
                 f"{self.parameters} parameters) to {self.output} in {self.total_seconds:.1f} s ({rate:.3f} GB/s) "
-                f"with {self.workers} worker(s): {phases}{resumed}")
+                f"with {self.workers} extract / {self.merge_workers} merge worker(s): {phases}{resumed}")
 
 
 @dataclass
@@ -116,18 +117,22 @@ class _Plan:
 
 def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_target: Optional[bool] = None,
                          num_layers: Optional[int] = None, workers: int = 1, progress: bool = False,
-                         universal_info: Optional[dict[str, Any]] = None) -> ConversionReport:
+                         universal_info: Optional[dict[str, Any]] = None,
+                         merge_workers: Optional[int] = None) -> ConversionReport:
     """Convert ``checkpoint_dir`` (a ``global_stepN`` folder) into ``output_dir``, atomically and
     resumably (see the module docstring); parameter folders are named for a pipelined (or
     single-module) target, or as in the source when ``pipelined_target`` is None (a resuming
     job renames them for its engine, which takes seconds). ``universal_info`` is used when the checkpoint carries no
     ``universal_checkpoint_info`` (Megatron-DeepSpeed's BLOOM checkpoints predate it); by default
     BLOOM's is derived from the checkpoint. ``progress`` shows tqdm bars (on a terminal).
+    ``workers`` processes extract; ``merge_workers`` (default: ``workers``) merge: a merge worker
+    holds up to twice one parameter's full state (the largest: BLOOM's embedding), so a big
+    model may want fewer of them, as DeepSpeed's converter advises.
     """
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     source_files = sorted(p for p in checkpoint_dir.iterdir() if p.is_file())
     report = ConversionReport(checkpoint_dir, output_dir, sum(p.stat().st_size for p in source_files),
-                              workers=max(1, workers))
+                              workers=max(1, workers), merge_workers=max(1, merge_workers or workers))
     if universal.is_complete(output_dir):
         if pipelined_target is not None:
             universal.rename_parameters(output_dir, pipelined_target, num_layers)
@@ -145,14 +150,13 @@ def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_targe
     else:
         report.shards, report.parameters = len(plan.shard_files), len(plan.slice_shapes)
         # Starting a worker costs seconds (it imports torch and DeepSpeed): not worth it for a small
-        # checkpoint, and one pool serves both phases.
+        # checkpoint.
         if report.source_bytes < MIN_BYTES_FOR_WORKERS:
-            report.workers = 1
-        with _pool(report.workers) as pool:
-            with timer("extract"):
-                report.resumed_shards = _extract(plan, staging, pool, progress)
-            with timer("merge"):
-                report.resumed_parameters, unmatched = _merge(plan, staging, pool, progress)
+            report.workers = report.merge_workers = 1
+        with timer("extract"), _pool(report.workers) as pool:
+            report.resumed_shards = _extract(plan, staging, pool, progress)
+        with timer("merge"), _pool(report.merge_workers) as pool:
+            report.resumed_parameters, unmatched = _merge(plan, staging, pool, progress)
         if unmatched:
             raise ConversionError(f"{checkpoint_dir}: universal_checkpoint_info patterns {sorted(unmatched)} match no "
                                   "parameter: the checkpoint's patterns do not describe this model")
