@@ -2,7 +2,7 @@
 """Universal-checkpoint conversion rate and memory, and what they mean for BLOOM-176B.
 
     python bench/universal_conversion.py --workdir /tmp/ucbench            # make the checkpoint, measure
-    python bench/universal_conversion.py --workdir /tmp/ucbench --workers 1 2 --deepspeed
+    python bench/universal_conversion.py --workdir /tmp/ucbench --workers 1 2 --deepspeed 1
 
 1. **The checkpoint** (skipped when ``--workdir`` already holds it): ``configs/tiny.yaml`` with
    ``--set`` overrides for a 183M-parameter BLOOM (6 layers, hidden 1536, vocab 8192) at TP2,
@@ -10,9 +10,11 @@
    pretrain_bloom.py`` and saved: 3.6 GB (layer files, two ``mp_rank`` engine files with the
    model, two optimizer shards with fp32 weights and both Adam moments).
 2. **Conversions**: ``tools/convert_checkpoint.py`` with each ``--workers`` count (and, with
-   ``--deepspeed``, DeepSpeed's own ``ds_to_universal`` with as many workers), each in a fresh
+   ``--deepspeed N``, DeepSpeed's own ``ds_to_universal`` with N workers), each in a fresh
    output folder, with the page cache dropped first when the script may (root). Measured: wall
-   time, GB/s (source bytes / wall time), the largest resident set of any one process
+   time, GB/s (source bytes / wall time), CPU seconds of all processes (GB per CPU second: what
+   the extrapolation scales, as it depends little on the machine's load), the largest resident
+   set of any one process
    (``/usr/bin/time -v``), and the largest total resident set of the whole process tree, sampled
    every 50 ms from ``/proc`` (workers run in parallel, so this is what the node must have).
 3. **Extrapolation** to BLOOM-176B's 2.3 TB checkpoint next to BigScience's 47 min 55 s and
@@ -144,9 +146,13 @@ def measure(name: str, command: list[str], source_bytes: int) -> dict:
     if process.returncode != 0:
         raise SystemExit(f"{name} failed ({process.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
     max_rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1)) * 1024
+    # CPU seconds of the whole tree (workers included): on a shared machine the wall time depends on
+    # the load, the CPU time much less, so the extrapolation uses it.
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", stderr).group(1)) for kind in ("User", "System"))
     phases = re.findall(r"universal conversion: (\w+) took ([\d.]+) s", stdout)
     result = {"name": name, "command": shlex.join(command), "cold_cache": cold, "seconds": round(seconds, 2),
-              "gb_per_s": round(source_bytes / 1e9 / seconds, 4), "max_process_rss_gb": round(max_rss / 1e9, 3),
+              "gb_per_s": round(source_bytes / 1e9 / seconds, 4), "cpu_seconds": round(cpu, 1),
+              "gb_per_cpu_second": round(source_bytes / 1e9 / cpu, 4), "max_process_rss_gb": round(max_rss / 1e9, 3),
               "max_tree_rss_gb": round(tree_peak / 1e9, 3), "phases": {k: float(v) for k, v in phases}}
     print(json.dumps(result), flush=True)
     return result
@@ -172,7 +178,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="where the checkpoint and conversions go (several GB)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--deepspeed", action="store_true", help="also time DeepSpeed's ds_to_universal")
+    parser.add_argument("--deepspeed", type=int, nargs="*", default=[],
+                        help="also time DeepSpeed's ds_to_universal with these worker counts")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     args = parser.parse_args()
     workdir = Path(args.workdir)
@@ -188,14 +195,14 @@ def main() -> None:
                             [PYTHON, "tools/convert_checkpoint.py", str(source), "--output", str(out / "u"),
                              "--workers", str(workers)], source_bytes))
         shutil.rmtree(out, ignore_errors=True)
-        if args.deepspeed:
-            out = workdir / f"deepspeed-{workers}"
-            shutil.rmtree(out, ignore_errors=True)
-            runs.append(measure(f"ds_to_universal workers {workers}",
-                                [PYTHON, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
-                                 "--output_folder", str(out / "u"), "--num_extract_workers", str(workers),
-                                 "--num_merge_workers", str(workers)], source_bytes))
-            shutil.rmtree(out, ignore_errors=True)
+    for workers in args.deepspeed:
+        out = workdir / f"deepspeed-{workers}"
+        shutil.rmtree(out, ignore_errors=True)
+        runs.append(measure(f"ds_to_universal workers {workers}",
+                            [PYTHON, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+                             "--output_folder", str(out / "u"), "--num_extract_workers", str(workers),
+                             "--num_merge_workers", str(workers)], source_bytes))
+        shutil.rmtree(out, ignore_errors=True)
     result = {"what": "universal checkpoint conversion", "command": shlex.join([PYTHON, *sys.argv]),
               "checkpoint": {"path": str(source), "bytes": source_bytes, "overrides": OVERRIDES}, "runs": runs,
               "bloom_176b": {**BLOOM_176B, "memory_bound": bloom_176b_memory_bound()}, "machine": machine}
