@@ -159,16 +159,26 @@ def measure(name: str, command: list[str], source_bytes: int) -> dict:
 
 
 def bloom_176b_memory_bound() -> dict:
-    """What one worker holds at most for BLOOM-176B, from its largest tensors (fp32 states)."""
+    """What one worker holds at most for BLOOM-176B, from its largest tensors (fp32 states).
+
+    Extract: a fragment is one parameter's part of one DP partition of a stage's flat buffer, so
+    at most min(the parameter's TP slice, the partition); the worker holds its copy and, until
+    they are dropped, the mapped pages it was copied from. Merge: one state's fragments plus their
+    concatenation."""
     b = BLOOM_176B
-    h, v = b["hidden"], b["padded_vocab"]
+    h, v, tp, pp, dp = b["hidden"], b["padded_vocab"], b["tp"], b["pp"], b["dp"]
+    layers = 70
     embedding_state = v * h * 4  # one fp32 state of the word embeddings, the largest parameter
     block_state = 4 * h * h * 4  # one fp32 state of dense_h_to_4h / dense_4h_to_h
-    shard_fragment = embedding_state / b["tp"] / b["dp"]  # the largest fragment an extract worker copies
+    # The first stage's flat buffer on one TP rank: the embedding slice and its share of the blocks.
+    stage_elements = (v * h + layers * 12 * h * h / pp) / tp
+    partition_bytes = stage_elements / dp * 4
+    largest_embedding_fragment = min(embedding_state / tp, partition_bytes)
+    largest_block_fragment = min(block_state / tp, partition_bytes)
     return {"embedding_state_gb": embedding_state / 1e9, "block_state_gb": block_state / 1e9,
-            # merge: the fragments of one state plus their concatenation
             "merge_worker_embedding_gb": 2 * embedding_state / 1e9, "merge_worker_block_gb": 2 * block_state / 1e9,
-            "extract_worker_gb": 2 * shard_fragment / 1e9}
+            "extract_worker_embedding_gb": 2 * largest_embedding_fragment / 1e9,
+            "extract_worker_block_gb": 2 * largest_block_fragment / 1e9}
 
 
 def main() -> None:
