@@ -64,10 +64,10 @@ def assert_same_files(mine: dict, theirs: dict) -> None:
 
 
 @pytest.mark.slow
-def test_conversion_writes_what_deepspeeds_converter_writes(tmp_path):
+def test_conversion_writes_what_deepspeeds_converter_writes(tmp_path, monkeypatch):
     """DeepSpeed's converter, told BLOOM's patterns, against ours on the checkpoint as
-    Megatron-DeepSpeed wrote it (no universal_checkpoint_info: ours derives BLOOM's): the same
-    files, bit for bit."""
+    Megatron-DeepSpeed wrote it (no universal_checkpoint_info: ours derives BLOOM's), in two
+    worker processes per phase: the same files, bit for bit."""
     import argparse
     import contextlib
     import io
@@ -81,14 +81,14 @@ def test_conversion_writes_what_deepspeeds_converter_writes(tmp_path):
             input_folder=str(source), output_folder=str(theirs), num_extract_workers=1, num_merge_workers=1,
             keep_temp_folder=False, strict=True, inject_missing_state=False))
     mine = tmp_path / "ours" / "global_step3_universal"
-    report = convert_to_universal(source_copy(tmp_path / "ours"), mine)
-    assert is_complete(mine) and report.parameters == 29 and report.shards == 2
+    monkeypatch.setattr(universal_conversion, "MIN_BYTES_FOR_WORKERS", 0)  # workers even for this small one
+    report = convert_to_universal(source_copy(tmp_path / "ours"), mine, workers=2)
+    assert is_complete(mine) and report.parameters == 29 and report.shards == 2 and report.workers == 2
     assert set(report.seconds) == {"scan", "extract", "merge", "finish", "commit"}
     assert_same_files(universal_files(mine), universal_files(theirs))
     assert sorted(p.name for p in mine.glob("mp_rank_*")) == sorted(p.name for p in theirs.glob("mp_rank_*"))
 
 
-@pytest.mark.slow
 def test_an_interrupted_conversion_is_never_final_and_resumes_where_it_stopped(tmp_path, monkeypatch):
     source = source_copy(tmp_path)
     output = tmp_path / "out" / "global_step3_universal"
@@ -141,6 +141,7 @@ def test_waiting_ranks_are_released_by_the_marker_or_the_failure_note(tmp_path):
         _wait_for_conversion(target, failure, rank=1, poll_seconds=0.05)
 
 
+@pytest.mark.slow
 def test_the_tool_converts_a_save_root_and_names_bad_input(tmp_path, capsys):
     import sys
 

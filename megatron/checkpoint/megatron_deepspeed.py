@@ -93,8 +93,14 @@ def describe(path: Path) -> dict[str, Any]:
     if pipelined:
         LayerFileSet.discover(path)  # raises naming missing layer files
     bf16 = any(name.name.startswith("bf16_") for name in shards.values())
-    optimizer = safe_load(shards[(0, 0)])["optimizer_state_dict"]
-    zero_stage = int(getattr(optimizer.get("zero_stage"), "value", optimizer.get("zero_stage", 0)) or 0)
+    if bf16:
+        # DeepSpeed's BF16_Optimizer (BLOOM's: bf16 with "stage": 0 in its DeepSpeed config) shards
+        # the optimizer over data-parallel ranks as ZeRO-1 does, in the files bf16 + ZeRO-1 writes
+        # here: the same layout, so no conversion for that difference alone.
+        zero_stage = 1
+    else:
+        optimizer = safe_load(shards[(0, 0)])["optimizer_state_dict"]
+        zero_stage = int(getattr(optimizer.get("zero_stage"), "value", optimizer.get("zero_stage", 0)) or 0)
     iteration = int(state.get("iteration", state.get("global_steps", iteration_of(path) or 0)))
     consumed = int(getattr(args, "consumed_train_samples", 0))
     tokens = int(state.get("tokens", getattr(args, "consumed_train_tokens", 0)) or 0)
