@@ -22,9 +22,10 @@ sys.path.insert(0, str(FIXTURE))
 SAVED, STEPS, TOLERANCE = 3, 6, 1e-5
 
 
-def fixture_copy(tmp_path: Path) -> Path:
+def fixture_copy(tmp_path: Path, precision: str = "fp32") -> Path:
+    """The fp32 fixture (ZeRO-1 shards) or the bf16 one (BF16_Optimizer shards), copied."""
     target = tmp_path / "checkpoints"
-    shutil.copytree(FIXTURE / "checkpoints", target)
+    shutil.copytree(FIXTURE / ("checkpoints" if precision == "fp32" else "checkpoints_bf16"), target)
     return target
 
 
@@ -45,15 +46,16 @@ class RunsCode:
 # -- found, described, scanned -------------------------------------------------------------------
 
 
-def test_megatron_deepspeed_checkpoint_is_complete_and_described(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_megatron_deepspeed_checkpoint_is_complete_and_described(tmp_path, precision):
     from megatron.checkpoint.store import CheckpointStore
 
-    info, report = CheckpointStore(fixture_copy(tmp_path)).find_newest_complete()
+    info, report = CheckpointStore(fixture_copy(tmp_path, precision)).find_newest_complete()
     assert report == []
     assert info.tag == f"global_step{SAVED}" and info.manifest["format"] == "megatron-deepspeed"
     assert info.manifest["layout"] == {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2,
-                                       "data_parallel_size": 1, "world_size": 2, "zero_stage": 1, "bf16": False,
-                                       "fp16": False, "pipelined": True}
+                                       "data_parallel_size": 1, "world_size": 2, "zero_stage": 1,
+                                       "bf16": precision == "bf16", "fp16": False, "pipelined": True}
     # 3 iterations of 4 samples of 32 tokens (the fixture's run).
     assert info.manifest["train_state"] == {"iteration": 3, "consumed_samples": 12, "consumed_tokens": 384}
 
@@ -110,13 +112,13 @@ def _run_from(rank: int, body: dict, out: str) -> dict:
     return {"iteration": result.iteration, "consumed": result.consumed_samples}
 
 
-def _resume(tmp_path, corpus, layout, train_iters):
+def _resume(tmp_path, corpus, layout, train_iters, precision="fp32"):
     from make import body
 
     from megatron.training.logging import read_metrics
 
-    checkpoints = fixture_copy(tmp_path)
-    run = body(tmp_path, corpus, "resumed", layout=layout, train_iters=train_iters)
+    checkpoints = fixture_copy(tmp_path, precision)
+    run = body(tmp_path, corpus, "resumed", layout=layout, train_iters=train_iters, bf16=precision == "bf16")
     run["checkpoint"] = {"load": str(checkpoints)}
     out = tmp_path / "optimizer"
     out.mkdir()
@@ -128,15 +130,19 @@ def _resume(tmp_path, corpus, layout, train_iters):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_resumes_on_its_own_layout_with_its_optimizer_state(tmp_path, corpus):
-    """TP1 x PP2 x DP1, as saved: the engine holds exactly the saved ZeRO shards (no step taken)."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resumes_on_its_own_layout_with_its_optimizer_state(tmp_path, corpus, precision):
+    """TP1 x PP2 x DP1, as saved: the engine holds exactly the saved ZeRO-1 / BF16_Optimizer shards
+    (fp32 master weights and Adam moments; no step taken)."""
     from megatron.checkpoint.pickle_scan import safe_load
 
-    checkpoints, results, losses, out = _resume(tmp_path, corpus, (1, 2, 1), train_iters=SAVED)
+    checkpoints, results, losses, out = _resume(tmp_path, corpus, (1, 2, 1), train_iters=SAVED, precision=precision)
     assert results[0] == {"iteration": SAVED, "consumed": 12} and losses == {}
+    prefix = "bf16_" if precision == "bf16" else ""
     for rank in range(2):
         held = torch.load(out / f"rank{rank}.pt", weights_only=True)
-        saved = safe_load(checkpoints / f"global_step{SAVED}" / f"zero_pp_rank_0_mp_rank_{rank:02d}_optim_states.pt")
+        saved = safe_load(checkpoints / f"global_step{SAVED}" /
+                          f"{prefix}zero_pp_rank_0_mp_rank_{rank:02d}_optim_states.pt")
         saved = saved["optimizer_state_dict"]
         assert held["steps"] == SAVED
         for mine, theirs in zip(held["fp32"], saved["single_partition_of_fp32_groups"], strict=True):

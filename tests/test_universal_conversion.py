@@ -17,14 +17,16 @@ from megatron.checkpoint import universal_conversion
 from megatron.checkpoint.universal import is_complete
 from megatron.checkpoint.universal_conversion import convert_to_universal
 
-FIXTURE = Path(__file__).parent / "fixtures" / "megatron_deepspeed_checkpoint" / "checkpoints" / "global_step3"
+FIXTURES = Path(__file__).parent / "fixtures" / "megatron_deepspeed_checkpoint"
 
 
-def source_copy(tmp_path: Path, with_universal_info: bool = False) -> Path:
-    """The Megatron-DeepSpeed fixture (TP1 x PP2, ZeRO-1); optionally with BLOOM's
-    ``universal_checkpoint_info`` added to its engine files, as DeepSpeed's converter requires."""
+def source_copy(tmp_path: Path, with_universal_info: bool = False, precision: str = "fp32") -> Path:
+    """The Megatron-DeepSpeed fixture (TP1 x PP2; fp32 ZeRO-1 or bf16 BF16_Optimizer shards);
+    optionally with BLOOM's ``universal_checkpoint_info`` added to its engine files, as DeepSpeed's
+    converter requires."""
     source = tmp_path / "source" / "global_step3"
-    shutil.copytree(FIXTURE, source)
+    shutil.copytree(FIXTURES / ("checkpoints" if precision == "fp32" else "checkpoints_bf16") / "global_step3",
+                    source)
     if with_universal_info:
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
@@ -64,17 +66,18 @@ def assert_same_files(mine: dict, theirs: dict) -> None:
 
 
 @pytest.mark.slow
-def test_conversion_writes_what_deepspeeds_converter_writes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision, workers", [("fp32", 2), ("bf16", 1)])
+def test_conversion_writes_what_deepspeeds_converter_writes(tmp_path, monkeypatch, precision, workers):
     """DeepSpeed's converter, told BLOOM's patterns, against ours on the checkpoint as
-    Megatron-DeepSpeed wrote it (no universal_checkpoint_info: ours derives BLOOM's), in two
-    worker processes per phase: the same files, bit for bit."""
+    Megatron-DeepSpeed wrote it (no universal_checkpoint_info: ours derives BLOOM's), here and in
+    worker processes: the same files, bit for bit."""
     import argparse
     import contextlib
     import io
 
     from deepspeed.checkpoint import ds_to_universal
 
-    source = source_copy(tmp_path / "deepspeed", with_universal_info=True)
+    source = source_copy(tmp_path / "deepspeed", with_universal_info=True, precision=precision)
     theirs = tmp_path / "deepspeed" / "global_step3_universal"
     with contextlib.redirect_stdout(io.StringIO()):
         ds_to_universal.main(argparse.Namespace(
@@ -82,8 +85,8 @@ def test_conversion_writes_what_deepspeeds_converter_writes(tmp_path, monkeypatc
             keep_temp_folder=False, strict=True, inject_missing_state=False))
     mine = tmp_path / "ours" / "global_step3_universal"
     monkeypatch.setattr(universal_conversion, "MIN_BYTES_FOR_WORKERS", 0)  # workers even for this small one
-    report = convert_to_universal(source_copy(tmp_path / "ours"), mine, workers=2)
-    assert is_complete(mine) and report.parameters == 29 and report.shards == 2 and report.workers == 2
+    report = convert_to_universal(source_copy(tmp_path / "ours", precision=precision), mine, workers=workers)
+    assert is_complete(mine) and report.parameters == 29 and report.shards == 2 and report.workers == workers
     assert set(report.seconds) == {"scan", "extract", "merge", "finish", "commit"}
     assert_same_files(universal_files(mine), universal_files(theirs))
     assert sorted(p.name for p in mine.glob("mp_rank_*")) == sorted(p.name for p in theirs.glob("mp_rank_*"))
