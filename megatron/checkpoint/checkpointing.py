@@ -45,10 +45,10 @@ import torch.distributed as dist
 
 from megatron.checkpoint import megatron_deepspeed, universal
 from megatron.checkpoint.layer_files import save_layer_files
-from megatron.checkpoint.layout import checkpoint_tag, universal_tag
+from megatron.checkpoint.layout import UNIVERSAL_FAILED_SUFFIX, checkpoint_tag, universal_tag
 from megatron.checkpoint.rng import capture_rng_state, gather_data_parallel, reseed, restore_rng_state
 from megatron.checkpoint.store import CheckpointInfo, CheckpointStore, new_temporary_tag
-from megatron.checkpoint.universal_conversion import FAILED_SUFFIX, convert_to_universal, offline_command
+from megatron.checkpoint.universal_conversion import convert_to_universal, offline_command
 from megatron.config import Config
 from megatron.core.distributed import on_rank0
 from megatron.core.parallel_state import ParallelState
@@ -266,7 +266,7 @@ class Checkpointer:
         if not resume.universal:
             return
         source, target = resume.directory / resume.tag, resume.directory / resume.load_tag
-        failure = target.with_name(target.name + FAILED_SUFFIX)
+        failure = target.with_name(target.name + UNIVERSAL_FAILED_SUFFIX)
         pipelined, num_layers = self.parallel.pp_enabled, self.cfg.model.num_layers
         workers = self.cfg.checkpoint.universal_conversion_workers
 

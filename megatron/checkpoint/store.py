@@ -43,6 +43,8 @@ from megatron.checkpoint.layout import (
     LATEST_ITERATION_FILE,
     MANIFEST_FILE,
     TAG_PREFIX,
+    UNIVERSAL_FAILED_SUFFIX,
+    UNIVERSAL_STAGING_SUFFIX,
     checkpoint_tag,
     iteration_of,
     universal_tag,
@@ -259,14 +261,15 @@ class CheckpointStore:
         return [checkpoint_tag(i) for i in doomed]
 
     def delete(self, tag: str) -> None:
-        """Remove checkpoint ``tag`` (and its universal conversion): renamed first, so a process
-        killed halfway leaves a leftover rather than a broken ``global_stepN``."""
-        for name in (tag, universal_tag(tag)):
+        """Remove checkpoint ``tag`` (and its universal conversion, finished or not): renamed first,
+        so a process killed halfway leaves a leftover rather than a broken ``global_stepN``."""
+        for name in (tag, universal_tag(tag), universal_tag(tag) + UNIVERSAL_STAGING_SUFFIX):
             path = self.directory / name
             if path.exists():
                 doomed = path.with_name(f"{name}.deleting-{uuid.uuid4().hex[:8]}")
                 os.rename(path, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
+        (self.directory / (universal_tag(tag) + UNIVERSAL_FAILED_SUFFIX)).unlink(missing_ok=True)
 
 
 def _has_manifest(path: Path) -> bool:

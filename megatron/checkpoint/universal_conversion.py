@@ -49,7 +49,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from megatron.checkpoint import universal
-from megatron.checkpoint.layout import LATEST_UNIVERSAL_FILE, engine_state_file_name
+from megatron.checkpoint.layout import LATEST_UNIVERSAL_FILE, UNIVERSAL_STAGING_SUFFIX, engine_state_file_name
 from megatron.checkpoint.megatron_deepspeed import optimizer_files
 from megatron.checkpoint.pickle_scan import safe_load, scan_files
 from megatron.errors import ConversionError
@@ -58,8 +58,7 @@ from megatron.utils.atomic import atomic_write_text, fsync_path, fsync_tree
 
 logger = logging.getLogger(__name__)
 
-STAGING_SUFFIX = ".tmp"
-FAILED_SUFFIX = ".failed"  # the in-job conversion's failure note, read by the ranks waiting for it
+STAGING_SUFFIX = UNIVERSAL_STAGING_SUFFIX
 _PROGRESS = "progress"
 _FRAGMENTS = "tmp"  # DeepSpeed's merge reads fragments from here
 MIN_BYTES_FOR_WORKERS = 256 * 2**20
