@@ -175,3 +175,17 @@ def test_continues_on_another_layout_through_the_universal_conversion(tmp_path, 
     expected = expected_losses()
     assert sorted(losses) == list(range(SAVED + 1, STEPS + 1))
     assert max(abs(losses[s] - expected[s]) for s in losses) <= TOLERANCE, (losses, expected)
+
+
+def test_random_streams_of_both_megatron_deepspeed_forks():
+    """BigScience's fork (BLOOM's) saves data-parallel rank 0's streams as flat keys, restored on
+    every rank; Microsoft's saves one entry per data-parallel rank under ``rng_state``."""
+    from megatron.checkpoint.megatron_deepspeed import rng_state
+
+    flat = {"random_rng_state": (3, (1, 2), None), "np_rng_state": ("MT19937",), "torch_rng_state": torch.ones(2),
+            "cuda_rng_state": torch.zeros(16), "rng_tracker_states": {"model-parallel-rng": torch.ones(3)}}
+    for dp_rank in (0, 3):
+        assert rng_state({"iteration": 3, **flat}, dp_rank) == flat
+    per_rank = [{"random_rng_state": i} for i in range(4)]
+    assert rng_state({"rng_state": per_rank}, 2) == {"random_rng_state": 2}
+    assert rng_state({"iteration": 3}, 0) is None

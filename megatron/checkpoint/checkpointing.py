@@ -310,7 +310,7 @@ class Checkpointer:
             rng_state = None if resume.universal else client_state["rng_state"][self.parallel.dp_rank]
         else:  # written by Megatron-DeepSpeed: its keys
             train_state = megatron_deepspeed.train_state(client_state)
-            rng_state = None if resume.universal else megatron_deepspeed.rng_state(client_state)
+            rng_state = None if resume.universal else megatron_deepspeed.rng_state(client_state, self.parallel.dp_rank)
         if self.rank == 0:
             logger.info("loaded %s in %.2f s: iteration %d, %d samples consumed", resume.directory / resume.load_tag,
                         time.perf_counter() - start, train_state["iteration"], train_state["consumed_samples"])

@@ -127,11 +127,17 @@ def train_state(client_state: dict[str, Any]) -> dict[str, Any]:
             "consumed_tokens": int(client_state.get("tokens", getattr(args, "consumed_train_tokens", 0)) or 0)}
 
 
-def rng_state(client_state: dict[str, Any]) -> dict[str, Any] | None:
-    """The random streams Megatron-DeepSpeed saved (flat keys, data-parallel rank 0's, restored on
-    every data-parallel rank as its ``load_checkpoint`` does); None when they were not saved."""
+def rng_state(client_state: dict[str, Any], dp_rank: int) -> dict[str, Any] | None:
+    """The random streams Megatron-DeepSpeed saved for data-parallel rank ``dp_rank``; None when it
+    saved none.
+
+    BigScience's fork (BLOOM's) stores data-parallel rank 0's streams as flat keys and restores
+    them on every rank; Microsoft's later fork stores a list with every data-parallel rank's
+    (``rng_state``), as this framework does."""
     keys = ("random_rng_state", "np_rng_state", "torch_rng_state", "cuda_rng_state", "rng_tracker_states")
+    per_rank = client_state.get("rng_state")
+    if isinstance(per_rank, list) and per_rank:
+        return per_rank[dp_rank] if dp_rank < len(per_rank) else None
     if "random_rng_state" not in client_state:
         return None
     return {key: client_state.get(key) for key in keys}
-
