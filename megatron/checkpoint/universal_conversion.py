@@ -140,10 +140,11 @@ def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_targe
     timer = _PhaseTimer(report)
     with timer("scan"):
         scan_files(p for p in source_files if p.suffix == ".pt")
-        plan = _plan(checkpoint_dir, universal_info)
+        zero3 = _zero_stage(checkpoint_dir) == 3
+        plan = None if zero3 else _plan(checkpoint_dir, universal_info)
     staging = output_dir.with_name(output_dir.name + STAGING_SUFFIX)
     _prepare_staging(staging, source_files)
-    if _zero_stage(plan) == 3:
+    if plan is None:
         with timer("deepspeed"):
             _convert_with_deepspeed(checkpoint_dir, staging, workers)
     else:
@@ -215,8 +216,13 @@ def _bloom_universal_info(slice_shapes: dict[str, list]) -> dict[str, Any]:
     return universal.universal_checkpoint_info_for(embed_layernorm, padded)
 
 
-def _zero_stage(plan: _Plan) -> int:
-    optimizer = safe_load(plan.shard_files[(0, 0, 0)])["optimizer_state_dict"]
+def _zero_stage(checkpoint_dir: Path) -> int:
+    """The ZeRO stage the optimizer shards were written with (ZeRO-3 files have no mp_rank_* engine
+    files, so this is read before anything else)."""
+    shards = optimizer_files(checkpoint_dir)
+    if not shards:
+        return 0  # _plan explains what is missing
+    optimizer = safe_load(shards[min(shards)])["optimizer_state_dict"]
     stage = optimizer.get("zero_stage", 1)
     return int(getattr(stage, "value", stage))
 
