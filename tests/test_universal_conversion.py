@@ -144,7 +144,6 @@ def test_waiting_ranks_are_released_by_the_marker_or_the_failure_note(tmp_path):
         _wait_for_conversion(target, failure, rank=1, poll_seconds=0.05)
 
 
-@pytest.mark.slow
 def test_the_tool_converts_a_save_root_and_names_bad_input(tmp_path, capsys):
     import sys
 
