@@ -150,7 +150,8 @@ def measure(name: str, command: list[str], source_bytes: int) -> dict:
     # the load, the CPU time much less, so the extrapolation uses it.
     cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", stderr).group(1)) for kind in ("User", "System"))
     phases = re.findall(r"universal conversion: (\w+) took ([\d.]+) s", stdout)
-    result = {"name": name, "command": shlex.join(command), "cold_cache": cold, "seconds": round(seconds, 2),
+    result = {"name": name, "command": shlex.join(["python", *command[1:]]), "cold_cache": cold,
+              "seconds": round(seconds, 2),
               "gb_per_s": round(source_bytes / 1e9 / seconds, 4), "cpu_seconds": round(cpu, 1),
               "gb_per_cpu_second": round(source_bytes / 1e9 / cpu, 4), "max_process_rss_gb": round(max_rss / 1e9, 3),
               "max_tree_rss_gb": round(tree_peak / 1e9, 3), "phases": {k: float(v) for k, v in phases}}
@@ -213,7 +214,7 @@ def main() -> None:
                              "--output_folder", str(out / "u"), "--num_extract_workers", str(workers),
                              "--num_merge_workers", str(workers)], source_bytes))
         shutil.rmtree(out, ignore_errors=True)
-    result = {"what": "universal checkpoint conversion", "command": shlex.join([PYTHON, *sys.argv]),
+    result = {"what": "universal checkpoint conversion", "command": shlex.join(["python", *sys.argv]),
               "checkpoint": {"path": str(source), "bytes": source_bytes, "overrides": OVERRIDES}, "runs": runs,
               "bloom_176b": {**BLOOM_176B, "memory_bound": bloom_176b_memory_bound()}, "machine": machine}
     write_result(REPO / "bench" / "results" / "universal_conversion.json", result)
