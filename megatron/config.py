@@ -191,6 +191,9 @@ class CheckpointConfig:
     save_interval: Optional[int] = None
     keep_last: Optional[int] = 3  # newest complete checkpoints kept; None keeps all
     keep_every: Optional[int] = None  # also keep forever those whose iteration is a multiple of this
+    # Worker processes of rank 0's in-job universal conversion (resume on another layout); the
+    # offline tool tools/convert_checkpoint.py takes --workers.
+    universal_conversion_workers: int = 1
 
 
 @dataclass
@@ -327,6 +330,8 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     _require(t.bf16 in (True, False, "auto"),
              f"training.bf16 must be true, false or auto (bf16 where the device computes it natively), got {t.bf16!r}")
     _require(not (t.bf16 and t.fp16), "training.bf16 and training.fp16 are both set: choose one")
+    _require(cfg.checkpoint.universal_conversion_workers >= 1,
+             f"checkpoint.universal_conversion_workers must be >= 1, got {cfg.checkpoint.universal_conversion_workers}")
     _require(t.micro_batch_size >= 1, f"training.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     _require(
         t.global_batch_size % t.micro_batch_size == 0,

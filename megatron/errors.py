@@ -50,6 +50,11 @@ class CheckpointError(ProjectError, ValueError):
     """A checkpoint directory that cannot be resumed from (incomplete, edited, another model)."""
 
 
+class UntrustedCheckpointError(ConversionError):
+    """A checkpoint file whose pickle names a type outside the allow-list of
+    megatron/checkpoint/pickle_scan.py: loading it could run arbitrary code, so it is refused."""
+
+
 class DataError(ProjectError, ValueError):
     """Training data that does not fit the run: missing or mismatched datasets or tokenizer."""
 

@@ -6,7 +6,10 @@
 * ``layer_files``: reading and writing ``layer_XX-model_YY-model_states.pt``, filling modules from them;
 * ``resharding``: merging and splitting tensor-parallel shards of layer-file tensors;
 * ``rng``: every random stream of every rank;
-* ``universal``: conversion to DeepSpeed's universal checkpoint for another TP/PP/DP layout.
+* ``universal``: DeepSpeed's universal checkpoint for another TP/PP/DP layout: BLOOM's merge rules, completion marker;
+* ``universal_conversion``: the streaming, resumable conversion (``tools/convert_checkpoint.py``, in-job resume);
+* ``megatron_deepspeed``: checkpoints written by Megatron-DeepSpeed itself (no manifest);
+* ``pickle_scan``: the allow-list every checkpoint file's pickle is checked against before it is unpickled.
 """
 
 from megatron.checkpoint.checkpointing import Checkpointer, LoadedCheckpoint, ResumePoint

@@ -22,12 +22,14 @@ checkpoint next to it (``global_stepN_universal``) and the engine is built with
 ``load_universal``; then every rank loads through ``engine.load_checkpoint``. The random
 streams are put back later (``restore_rng``), once the loop has created its data iterators.
 
-What gets unpickled: our own code reads checkpoint metadata from JSON (the manifest) and checks
-files without unpickling them. DeepSpeed's ``load_checkpoint`` and its universal converter read
-the ``.pt`` files with ``torch.load(weights_only=False)`` (they hold optimizer objects and our
-client state, which is not plain tensors: Python and NumPy random states). Load only
-checkpoints you or your team wrote; use ``weights_only=True`` (as megatron/convert does and the
-layer files allow) for weights from elsewhere.
+Checkpoints written by Megatron-DeepSpeed itself (BLOOM's; no manifest) resume too, on their
+own layout or through the universal conversion (megatron/checkpoint/megatron_deepspeed.py).
+
+What gets unpickled: DeepSpeed's ``load_checkpoint`` reads the ``.pt`` files with
+``torch.load(weights_only=False)`` (they hold optimizer objects, Megatron-DeepSpeed's
+``argparse.Namespace``, NumPy random states). Before that, finding the checkpoint scans every
+file's pickle against an allow-list (megatron/checkpoint/pickle_scan.py) and refuses anything
+else; our converter reads the files with the restricted unpickler only.
 """
 
 from __future__ import annotations
@@ -41,15 +43,17 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch.distributed as dist
 
-from megatron.checkpoint import universal
+from megatron.checkpoint import megatron_deepspeed, universal
 from megatron.checkpoint.layer_files import save_layer_files
-from megatron.checkpoint.layout import checkpoint_tag, universal_tag
+from megatron.checkpoint.layout import UNIVERSAL_FAILED_SUFFIX, checkpoint_tag, universal_tag
 from megatron.checkpoint.rng import capture_rng_state, gather_data_parallel, reseed, restore_rng_state
 from megatron.checkpoint.store import CheckpointInfo, CheckpointStore, new_temporary_tag
+from megatron.checkpoint.universal_conversion import convert_to_universal, offline_command
 from megatron.config import Config
 from megatron.core.distributed import on_rank0
 from megatron.core.parallel_state import ParallelState
 from megatron.errors import CheckpointError
+from megatron.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:  # deepspeed is imported where an engine is built, not when this module loads
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -117,7 +121,11 @@ class Checkpointer:
 
     def _needs_universal(self, saved: dict[str, Any]) -> bool:
         mine = self.layout()
-        return any(saved.get(key) != mine[key] for key in mine if key != "world_size")
+        # Parameter names differ between a pipeline and a single module (Megatron-DeepSpeed runs
+        # BLOOM as a pipeline also at PP = 1): DeepSpeed then cannot load the files as they are.
+        saved_pipelined = saved.get("pipelined", saved.get("pipeline_model_parallel_size", 1) > 1)
+        return (saved_pipelined != self.parallel.pp_enabled
+                or any(saved.get(key) != mine[key] for key in mine if key != "world_size"))
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -249,23 +257,43 @@ class Checkpointer:
         return on_rank0(find, f"find a checkpoint to resume from in {directory}")
 
     def _convert(self, resume: ResumePoint) -> None:
-        """Convert ``resume`` to a universal checkpoint when needed (rank 0, once; reused after)."""
+        """Convert ``resume`` to a universal checkpoint when needed (rank 0, once; reused after).
+
+        Rank 0 converts with the code of ``tools/convert_checkpoint.py``; the other ranks wait
+        by polling for its completion marker (or a failure note), not in a collective: a
+        conversion of a large model takes longer than the process group's timeout, and a timed
+        out collective would kill the job. Converting ahead with the tool skips this wait.
+        """
         if not resume.universal:
             return
+        source, target = resume.directory / resume.tag, resume.directory / resume.load_tag
+        failure = target.with_name(target.name + UNIVERSAL_FAILED_SUFFIX)
+        pipelined, num_layers = self.parallel.pp_enabled, self.cfg.model.num_layers
+        workers = self.cfg.checkpoint.universal_conversion_workers
 
-        def convert() -> None:
-            target = resume.directory / resume.load_tag
-            pipelined = self.parallel.pp_enabled
+        def prepare() -> None:  # quick; a collective so that no rank sees an older failure note
+            failure.unlink(missing_ok=True)
             if universal.is_complete(target):
-                universal.rename_parameters(target, pipelined, self.cfg.model.num_layers)
+                universal.rename_parameters(target, pipelined, num_layers)
                 logger.info("using the universal conversion %s", target)
-                return
-            start = time.perf_counter()
-            universal.convert_to_universal(resume.directory / resume.tag, target, pipelined, self.cfg.model.num_layers)
-            logger.info("converted %s to the universal checkpoint %s in %.1f s", resume.directory / resume.tag,
-                        target, time.perf_counter() - start)
+            else:
+                logger.info("converting %s to a universal checkpoint %s in this job; the other ranks wait for it. "
+                            "To convert ahead of a job: %s", source, target,
+                            offline_command(source, target, workers))
 
-        on_rank0(convert, f"convert {resume.directory / resume.tag} to a universal checkpoint")
+        on_rank0(prepare, f"prepare the universal conversion of {source}")
+        if self.rank == 0:
+            try:
+                report = convert_to_universal(source, target, pipelined, num_layers, workers=workers)
+            except Exception as exc:
+                atomic_write_text(failure, f"{type(exc).__name__}: {exc}")
+                raise
+            if not report.reused:
+                logger.info("%s", report.summary())
+        else:
+            _wait_for_conversion(target, failure, self.rank)
+        if dist.is_initialized():
+            dist.barrier()  # every rank has seen the marker: safe to build engines that read it
 
     def load(self, engine: DeepSpeedEngine, resume: ResumePoint) -> LoadedCheckpoint:
         """Load model, optimizer and loop state from ``resume`` into ``engine``.
@@ -279,10 +307,12 @@ class Checkpointer:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {resume.directory / resume.load_tag}: check "
                                   "that the directory holds mp_rank_*_model_states.pt files, or move it away to start "
                                   "afresh")
-        train_state = dict(client_state["train_state"])
-        rng_state = None
-        if not resume.universal:
-            rng_state = client_state["rng_state"][self.parallel.dp_rank]
+        if "train_state" in client_state:
+            train_state = dict(client_state["train_state"])
+            rng_state = None if resume.universal else client_state["rng_state"][self.parallel.dp_rank]
+        else:  # written by Megatron-DeepSpeed: its keys
+            train_state = megatron_deepspeed.train_state(client_state)
+            rng_state = None if resume.universal else megatron_deepspeed.rng_state(client_state, self.parallel.dp_rank)
         if self.rank == 0:
             logger.info("loaded %s in %.2f s: iteration %d, %d samples consumed", resume.directory / resume.load_tag,
                         time.perf_counter() - start, train_state["iteration"], train_state["consumed_samples"])
@@ -318,6 +348,20 @@ class Checkpointer:
             logger.warning("checkpoint %s was trained on datasets %s, this run uses %s: the data order after "
                            "resuming differs from the saved run's", info.path, saved_data,
                            [d.name for d in self.cfg.data.datasets])
+
+
+def _wait_for_conversion(target: Path, failure: Path, rank: int, poll_seconds: float = 1.0) -> None:
+    """Wait until rank 0's conversion into ``target`` completes; raise its failure note."""
+    start = last_report = time.monotonic()
+    while not universal.is_complete(target):
+        if failure.is_file():
+            raise RuntimeError(f"rank {rank}: rank 0 failed to convert to the universal checkpoint {target}: "
+                               f"{failure.read_text(encoding='utf-8', errors='replace')[:2000]}")
+        if time.monotonic() - last_report > 300:
+            last_report = time.monotonic()
+            logger.info("rank %d: waiting %.0f min for the universal conversion %s", rank,
+                        (last_report - start) / 60, target)
+        time.sleep(poll_seconds)
 
 
 def _describe(layout: dict[str, Any]) -> str:

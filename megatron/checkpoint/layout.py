@@ -9,6 +9,8 @@
         manifest.json                                  files and sizes, written last (ours)
     {save}/global_step{N}_universal/                   the same step, converted to DeepSpeed's
                                                        universal format for another layout
+    {save}/global_step{N}_universal.tmp/               a conversion under way, or interrupted (resumable)
+    {save}/global_step{N}_universal.failed             why an in-job conversion failed (read by waiting ranks)
 
 XX is BLOOM's pipeline layer index (megatron/model/layout.py). With a pipeline, DeepSpeed's
 ``PipelineModule`` writes the layer files itself; without one, megatron/checkpoint/layer_files.py
@@ -25,6 +27,8 @@ from typing import Optional
 TAG_PREFIX = "global_step"
 TAG_PATTERN = re.compile(rf"^{TAG_PREFIX}(\d+)$")
 UNIVERSAL_SUFFIX = "_universal"
+UNIVERSAL_STAGING_SUFFIX = ".tmp"
+UNIVERSAL_FAILED_SUFFIX = ".failed"
 LATEST_FILE = "latest"
 LATEST_ITERATION_FILE = "latest_checkpointed_iteration.txt"  # Megatron's name
 MANIFEST_FILE = "manifest.json"

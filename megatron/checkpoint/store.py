@@ -1,7 +1,10 @@
 """The checkpoint directory on disk: atomic commits, completeness checks, discovery, retention.
 
 A checkpoint is complete when its directory is named ``global_stepN`` and its
-``manifest.json`` lists every file with its size, and the files on disk still match.
+``manifest.json`` lists every file with its size, and the files on disk still match, and every
+``.pt`` file's pickle passes the allow-list scan (megatron/checkpoint/pickle_scan.py). A
+directory Megatron-DeepSpeed wrote (no manifest) is complete when every file its layout implies
+is there and passes the scan (megatron/checkpoint/megatron_deepspeed.py).
 Saving makes that true atomically:
 
 1. every rank writes into ``global_stepN.tmp-<id>`` (a name no reader ever loads);
@@ -34,16 +37,20 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Optional
 
+from megatron.checkpoint import megatron_deepspeed
 from megatron.checkpoint.layout import (
     LATEST_FILE,
     LATEST_ITERATION_FILE,
     MANIFEST_FILE,
     TAG_PREFIX,
+    UNIVERSAL_FAILED_SUFFIX,
+    UNIVERSAL_STAGING_SUFFIX,
     checkpoint_tag,
     iteration_of,
     universal_tag,
 )
-from megatron.errors import CheckpointError
+from megatron.checkpoint.pickle_scan import scan_file
+from megatron.errors import CheckpointError, UntrustedCheckpointError
 from megatron.utils.atomic import atomic_write_text, fsync_path, fsync_tree
 
 logger = logging.getLogger(__name__)
@@ -163,6 +170,11 @@ def verify_checkpoint(path: Path) -> list[str]:
             problem = check_torch_file(file)
             if problem:
                 problems.append(f"{file} {problem}")
+                continue
+            try:
+                scan_file(file)  # before DeepSpeed unpickles it with weights_only=False
+            except UntrustedCheckpointError as exc:
+                problems.append(str(exc))
     return problems
 
 
@@ -196,10 +208,17 @@ class CheckpointStore:
                   for p in self.leftovers() if ".tmp-" in p.name]
         for tag in self.tags():
             path = self.directory / tag
-            problems = verify_checkpoint(path)
-            if not problems:
-                manifest = read_manifest(path)
-                return CheckpointInfo(self.directory, tag, iteration_of(tag), manifest), report
+            if megatron_deepspeed.is_megatron_deepspeed_checkpoint(path):
+                # Written by Megatron-DeepSpeed itself (e.g. BLOOM's): its files, not a manifest, tell.
+                problems = megatron_deepspeed.verify(path)
+                if not problems:
+                    return CheckpointInfo(self.directory, tag, iteration_of(tag), megatron_deepspeed.describe(path)), \
+                        report
+            else:
+                problems = verify_checkpoint(path)
+                if not problems:
+                    manifest = read_manifest(path)
+                    return CheckpointInfo(self.directory, tag, iteration_of(tag), manifest), report
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
             report.append(f"skipping checkpoint {path}: {shown}. It will not be loaded; delete it once you have "
                           "looked at it")
@@ -265,14 +284,15 @@ class CheckpointStore:
         return [checkpoint_tag(i) for i in doomed]
 
     def delete(self, tag: str) -> None:
-        """Remove checkpoint ``tag`` (and its universal conversion): renamed first, so a process
-        killed halfway leaves a leftover rather than a broken ``global_stepN``."""
-        for name in (tag, universal_tag(tag)):
+        """Remove checkpoint ``tag`` (and its universal conversion, finished or not): renamed first,
+        so a process killed halfway leaves a leftover rather than a broken ``global_stepN``."""
+        for name in (tag, universal_tag(tag), universal_tag(tag) + UNIVERSAL_STAGING_SUFFIX):
             path = self.directory / name
             if path.exists():
                 doomed = path.with_name(f"{name}.deleting-{uuid.uuid4().hex[:8]}")
                 os.rename(path, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
+        (self.directory / (universal_tag(tag) + UNIVERSAL_FAILED_SUFFIX)).unlink(missing_ok=True)
 
 
 def _has_manifest(path: Path) -> bool:

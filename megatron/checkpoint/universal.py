@@ -29,22 +29,19 @@ for both namings of our two engines. The converted folders are named after the s
 engine's parameters; :func:`rename_parameters` renames them for the loading engine (single
 module ``layers.0...`` versus pipeline ``3...``).
 
-Loading note: the converter and DeepSpeed's loader read these files with
-``torch.load(weights_only=False)``; convert only checkpoints you trust.
+The conversion itself (streaming, resumable, in worker processes) is
+megatron/checkpoint/universal_conversion.py; it reads the source with the restricted unpickler.
+DeepSpeed's loader then reads the converted files with ``torch.load(weights_only=False)``:
+they are written by the converter, from scanned sources.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from megatron.checkpoint.layout import LATEST_UNIVERSAL_FILE
 from megatron.config import Config
 from megatron.model.layout import (
     flat_name,
@@ -54,17 +51,21 @@ from megatron.model.layout import (
     pipeline_replicated_pattern,
     vocabulary_pattern,
 )
-from megatron.utils.atomic import atomic_write_text, fsync_path, fsync_tree
+from megatron.utils.atomic import atomic_write_text
 
 UNIVERSAL_MARKER = "universal.json"  # written last: the conversion is complete
 
 
 def universal_checkpoint_info(cfg: Config) -> dict[str, Any]:
     """The ``universal_checkpoint_info`` client state for BLOOM's parameters (see module docstring)."""
+    return universal_checkpoint_info_for(cfg.model.embed_layernorm, cfg.padded_vocab_size)
+
+
+def universal_checkpoint_info_for(embed_layernorm: bool, padded: int) -> dict[str, Any]:
+    """:func:`universal_checkpoint_info` from the two facts it depends on (for a checkpoint
+    without a config of ours, e.g. one Megatron-DeepSpeed wrote)."""
     from deepspeed.checkpoint import constants as c
 
-    embed_layernorm = cfg.model.embed_layernorm
-    padded = cfg.padded_vocab_size
     return {
         c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         c.TP_REPLICATED_PARAMETER_PATTERNS: name_patterns(embed_layernorm, split_on=None),
@@ -74,42 +75,6 @@ def universal_checkpoint_info(cfg: Config) -> dict[str, Any]:
         c.ORIGINAL_VOCAB_SIZE: padded,
         c.PADDED_VOCAB_SIZE: padded,
     }
-
-
-def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_target: bool, num_layers: int,
-                         workers: int = 1) -> None:
-    """Convert ``checkpoint_dir`` (a ``global_stepN`` folder) into ``output_dir`` atomically.
-
-    Writes into ``<output_dir>.tmp`` and renames when done, with :data:`UNIVERSAL_MARKER` last;
-    the parameter folders are named for a pipelined (or single-module) target.
-    ``workers`` > 1 extracts shards in a process pool (faster for big models, forks the caller).
-    """
-    from deepspeed.checkpoint import ds_to_universal
-
-    staging = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(checkpoint_dir), output_folder=str(staging),
-                              num_extract_workers=workers, num_merge_workers=workers, keep_temp_folder=False,
-                              strict=True, inject_missing_state=False)
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log):  # the converter prints every step and a progress bar
-            ds_to_universal.main(args)
-    except Exception as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise RuntimeError(f"converting {checkpoint_dir} to a universal checkpoint failed ({exc!r}); its output "
-                           f"was:\n{log.getvalue()[-2000:]}") from exc
-    source_naming = _naming_of(staging)
-    (staging / UNIVERSAL_MARKER).write_text(json.dumps({"source": str(checkpoint_dir.name),
-                                                        "naming": source_naming}) + "\n")
-    rename_parameters(staging, pipelined_target, num_layers)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    fsync_tree(staging)
-    os.rename(staging, output_dir)
-    fsync_path(output_dir.parent)
-    # The converter pointed DeepSpeed's ``latest_universal`` at the staging name; name the result.
-    atomic_write_text(output_dir.parent / LATEST_UNIVERSAL_FILE, output_dir.name)
 
 
 def is_complete(universal_dir: Path) -> bool:
