@@ -101,13 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    from megatron.checkpoint.checkpointing import CheckpointSaveFailed
+    from megatron.checkpoint.lock import CheckpointDirectoryLocked
     from megatron.training.pretrain import pretrain
     from megatron.training.trainer import TooManySkippedSteps
 
     try:
         pretrain(cfg)
-    except TooManySkippedSteps as exc:
-        # A diverged run is an outcome with a remedy, not a crash: the message, no traceback.
+    except (TooManySkippedSteps, CheckpointSaveFailed, CheckpointDirectoryLocked) as exc:
+        # A diverged run, a full disk or a second run on one checkpoint directory are outcomes with
+        # a remedy, not crashes: the message, no traceback.
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
