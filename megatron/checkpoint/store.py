@@ -171,32 +171,33 @@ def verify_checkpoint(path: Path, mode: str = "fast") -> list[str]:
         manifest = read_manifest(path)
     except ValueError as exc:
         return [str(exc)]
-    checksums = manifest.get("checksums", {}).get("files", {}) if mode == "full" else {}
-    problems = []
-    for name, size in manifest.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{file} is missing")
-            continue
-        actual = file.stat().st_size
-        if actual != size:
-            problems.append(f"{file} has {actual} bytes but the manifest records {size}: it was truncated or "
-                            "overwritten")
-            continue
-        if file.suffix == ".pt":
-            problem = check_torch_file(file)
-            if problem:
-                problems.append(f"{file} {problem}")
-                continue
-        if name in checksums:
-            actual_crc = file_crc32(file)
-            if actual_crc != checksums[name]:
-                records = damaged_torch_records(file) if file.suffix == ".pt" else []
-                where = f" (damaged records: {', '.join(records)})" if records else ""
-                problems.append(f"{file} has CRC32 {actual_crc:08x} but the manifest records {checksums[name]:08x}"
-                                f"{where}: its bytes changed after the save (bad disk, memory or copy); restore "
-                                "it from a copy, or delete the checkpoint to resume from an older one")
-    return problems
+    problems = (check_file(path, name, manifest, mode) for name in manifest.get("files", {}))
+    return [p for p in problems if p]
+
+
+def check_file(path: Path, name: str, manifest: dict[str, Any], mode: str = "fast") -> Optional[str]:
+    """Why file ``name`` of checkpoint directory ``path`` does not match ``manifest`` (None: it does),
+    at depth ``mode`` (see :func:`verify_checkpoint`)."""
+    file = path / name
+    if not file.is_file():
+        return f"{file} is missing"
+    actual, size = file.stat().st_size, manifest["files"][name]
+    if actual != size:
+        return f"{file} has {actual} bytes but the manifest records {size}: it was truncated or overwritten"
+    if file.suffix == ".pt":
+        problem = check_torch_file(file)
+        if problem:
+            return f"{file} {problem}"
+    expected = manifest.get("checksums", {}).get("files", {}).get(name) if mode == "full" else None
+    if expected is not None:
+        actual_crc = file_crc32(file)
+        if actual_crc != expected:
+            records = damaged_torch_records(file) if file.suffix == ".pt" else []
+            where = f" (damaged records: {', '.join(records)})" if records else ""
+            return (f"{file} has CRC32 {actual_crc:08x} but the manifest records {expected:08x}{where}: its bytes "
+                    "changed after the save (bad disk, memory or copy); restore it from a copy, or delete the "
+                    "checkpoint to resume from an older one")
+    return None
 
 
 # -- the directory of checkpoints ---------------------------------------------------------------
