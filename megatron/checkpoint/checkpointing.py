@@ -35,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import re
+import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -151,7 +153,7 @@ class Checkpointer:
             if not self.parallel.pp_enabled:
                 self._write_layer_files(engine, Path(directory) / temporary)
         except Exception as exc:  # noqa: BLE001 - only a full disk is handled; the rest is re-raised below
-            failure = disk_full_reason(exc)
+            failure = disk_full_reason(exc, directory)
             if failure is None:
                 raise
         # Every rank learns whether any rank ran out of space (also the barrier before the commit:
@@ -167,7 +169,7 @@ class Checkpointer:
             try:
                 info = store.commit(temporary, tag, metadata)
             except OSError as exc:  # the manifest itself, or ``latest``, did not fit
-                reason = disk_full_reason(exc)
+                reason = disk_full_reason(exc, directory)
                 if reason is None:
                     raise
                 return self._discard(store, temporary, tag, reason)
@@ -365,24 +367,34 @@ class CheckpointSaveFailed(RuntimeError):
     """A save ran out of disk space; the partial checkpoint is gone and the previous one intact."""
 
 
+_TORCH_WRITE_FAILURE = re.compile(r"iostream error|write failed|unexpected pos")
+_NEARLY_FULL = 1 << 20  # free bytes under which a failed write is put down to a full file system
 _DISK_FULL_ERRNOS = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)",
                      errno.EFBIG: "file larger than the file-size limit (EFBIG)"}
 
 
-def disk_full_reason(exc: BaseException) -> Optional[str]:
-    """What filled up, when ``exc`` (or an exception it was raised from) is a full disk; else None.
+def disk_full_reason(exc: BaseException, directory: str | Path | None = None) -> Optional[str]:
+    """What filled up, when ``exc`` (or an exception it was raised from) is a failed write; else None.
 
-    ``torch.save`` reports a failed write as a RuntimeError without the errno ("file write
-    failed"): that is taken as a full disk too, the usual cause, and said as such.
+    ``torch.save`` reports a failed write as a RuntimeError without the errno ("iostream error",
+    "file write failed", "unexpected pos"): the cause is then read from the machine, a full
+    file system under ``directory`` or a finite file-size limit (``ulimit -f``).
     """
-    seen = exc
+    seen: Optional[BaseException] = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
             return _DISK_FULL_ERRNOS[seen.errno]
+        if isinstance(seen, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(seen)):
+            break
         seen = seen.__cause__ or seen.__context__
-    if isinstance(exc, RuntimeError) and "write failed" in str(exc):
-        return f"a file write failed ({str(exc).splitlines()[0][:200]}), most likely a full disk or a file-size limit"
-    return None
+    else:
+        return None
+    if directory is not None and shutil.disk_usage(directory).free < _NEARLY_FULL:
+        return _DISK_FULL_ERRNOS[errno.ENOSPC]
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return (f"{_DISK_FULL_ERRNOS[errno.EFBIG]}: the file-size limit is "
+                f"{resource.getrlimit(resource.RLIMIT_FSIZE)[0]:,} bytes")
+    return f"a file write failed ({str(seen).splitlines()[0][:200]})"
 
 
 def _first_failure(failure: Optional[str]) -> Optional[str]:

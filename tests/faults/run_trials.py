@@ -143,9 +143,10 @@ class TrainProbe:
     staged, ``save`` while a ``global_stepN.tmp-*`` exists, ``step`` once this start has logged
     a step, else ``startup``."""
 
-    def __init__(self, checkpoints: Path, run_dir: Path):
+    def __init__(self, checkpoints: Path, run_dir: Path, first_step: int = 0):
         self.checkpoints, self.metrics = checkpoints, run_dir / "metrics.jsonl"
         self.baseline = 0
+        self.first_step = first_step  # where the run starts (a resumed run: its checkpoint's step)
 
     def started(self) -> None:
         """A (re)start: steps logged before it do not count as this start's."""
@@ -169,13 +170,13 @@ class TrainProbe:
         return "step" if self._size() > self.baseline else "startup"
 
     def steps_logged(self) -> Optional[int]:
-        """The last step in metrics.jsonl."""
+        """The last step in metrics.jsonl (the run's starting step before it logged any)."""
         try:
             lines = self.metrics.read_text().splitlines()
         except OSError:
-            return 0
+            lines = []
         steps = [json.loads(line)["step"] for line in lines if line.strip()]
-        return max(steps, default=0)
+        return max(steps, default=self.first_step)
 
 
 class PreprocessProbe:
@@ -358,7 +359,7 @@ class Trials:
                 self._seed_conversion(checkpoints)
             config = write_config(root / "config.json", self.data_prefix(), checkpoints, run_dir,
                                   2 if kind == "convert" else 1)
-            probe = TrainProbe(checkpoints, run_dir)
+            probe = TrainProbe(checkpoints, run_dir, CONVERT_AT if kind == "convert" else 0)
             phases = {"train": ["step", "save", "startup"], "convert": ["conversion", "step", "save"],
                       "restart": ["step", "save"]}[kind]
             if kind == "restart":
