@@ -93,6 +93,7 @@ def environment() -> dict[str, str]:
     """The runs' environment: this checkout importable, one thread, no progress bars."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # as scripts/env.sh sets it, and why
     return env
 
 
@@ -192,11 +193,12 @@ class PreprocessProbe:
         return "preprocess"
 
     def steps_logged(self) -> Optional[int]:
-        """Documents committed so far."""
+        """Documents committed so far (0 before the first commit, and after the last: the output
+        is then published and the record gone)."""
         try:
             return json.loads(self.state.read_text())["documents"]
         except (OSError, ValueError, KeyError):
-            return None
+            return 0
 
 
 # -- comparing -------------------------------------------------------------------------------------
