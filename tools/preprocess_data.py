@@ -37,7 +37,9 @@ success, 1 on failure, 2 on bad arguments, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,7 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("preprocess_data: interrupted; the unfinished dataset has no output yet, only its committed progress "
               "(*.partial files): the same command continues from there", file=sys.stderr)
         return 130
-    except (PreprocessError, FileNotFoundError, ValueError, OSError) as err:
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            out_dir = Path(args.output_prefix).resolve().parent if args.corpus_dir is None else args.output_prefix
+            print(f"preprocess_data: error: {os.strerror(err.errno)} writing under {out_dir}: no output was published; "
+                  "free space (or raise ulimit -f) and run the same command again, it continues from its last commit",
+                  file=sys.stderr)
+        else:
+            print(f"preprocess_data: error: {err}", file=sys.stderr)
+        return 1
+    except (PreprocessError, ValueError) as err:
         print(f"preprocess_data: error: {err}", file=sys.stderr)
         return 1
     total = total_summary(summaries, time.perf_counter() - t0)

@@ -7,10 +7,10 @@ by the caller. The random choices of a trial come from one seed, logged with eve
 failing trial replays with ``run_trials.py --seeds SEED``; only the moments the operating
 system schedules differ between a trial and its replay.
 
-How a kill moment is chosen: for each start, either a uniformly random time within the
-reference run's duration (whatever the run is doing then), or, to reach short phases such as a
-checkpoint save, the first moment the probe sees a phase drawn at random among those the run
-goes through. The phase is read again just before the signal is sent and that reading is the
+How a kill moment is chosen (:func:`kill_plan`): for each start, either a uniformly random time
+within the reference run's duration (whatever the run is doing then), or, to reach short phases
+such as a checkpoint save, the first moment the probe sees a given phase: the first kill of a
+trial aims at the phase its kind of run is there to test, later ones at a phase drawn at random. The phase is read again just before the signal is sent and that reading is the
 one reported.
 """
 
@@ -66,12 +66,22 @@ def run_once(command: list[str], env: dict[str, str], log: Path, timeout: float)
                               start_new_session=True).returncode
 
 
-def run_with_kills(command: list[str], env: dict[str, str], logs: Path, probe: PhaseProbe, phases: list[str],
-                   rng: random.Random, kills: int, duration: float, *, victim: Callable[[subprocess.Popen], Optional[int]] =
+RANDOM_TIME = "random time"
+
+
+def kill_plan(rng: random.Random, kills: int, phases: list[str]) -> list[str]:
+    """What each of ``kills`` kills aims at: the first at ``phases[0]`` (the phase a kind of run
+    exists to test, so that a short one such as a save is hit in every trial), the others at a
+    random time or a random phase of ``phases``."""
+    return [phases[0]] + [rng.choice([RANDOM_TIME, RANDOM_TIME, *phases]) for _ in range(kills - 1)]
+
+
+def run_with_kills(command: list[str], env: dict[str, str], logs: Path, probe: PhaseProbe, aims: list[str],
+                   rng: random.Random, duration: float, *, victim: Callable[[subprocess.Popen], Optional[int]] =
                    lambda p: p.pid, progress: Callable[[], Optional[int]] = lambda: None,
                    restart: bool = True, timeout: float = 600.0, seed: int = 0,
                    on_start: Callable[[], None] = lambda: None) -> Outcome:
-    """Start ``command`` and SIGKILL it ``kills`` times at random moments, restarting it each time
+    """Start ``command`` and SIGKILL it once per entry of ``aims`` (:func:`kill_plan`), restarting it each time
     (``restart`` False: the command restarts itself, e.g. torchrun --max-restarts, and is only
     waited for); then let it finish. ``victim(popen)`` is the pid to kill (a worker of a
     launcher, say; None while there is none yet); ``progress()`` reads how far the run got,
@@ -83,6 +93,7 @@ def run_with_kills(command: list[str], env: dict[str, str], logs: Path, probe: P
     outcome, start = Outcome(seed), time.monotonic()
     process = None
     try:
+        kills = len(aims)
         for attempt in range(kills + 1):
             log = logs / f"attempt{attempt}.log"
             outcome.logs.append(log)
@@ -96,11 +107,11 @@ def run_with_kills(command: list[str], env: dict[str, str], logs: Path, probe: P
             began = time.monotonic()
             if attempt == kills:
                 break
-            aimed = "random time" if rng.random() < 0.5 else rng.choice(phases)
-            deadline = began + (rng.uniform(0.0, duration) if aimed == "random time" else timeout)
+            aimed = aims[attempt]
+            deadline = began + (rng.uniform(0.0, duration) if aimed == RANDOM_TIME else timeout)
             pid = None
             while process.poll() is None and time.monotonic() < began + timeout:
-                ready = probe() == aimed if aimed != "random time" else time.monotonic() >= deadline
+                ready = probe() == aimed if aimed != RANDOM_TIME else time.monotonic() >= deadline
                 pid = victim(process) if ready else None
                 if pid is not None:
                     break

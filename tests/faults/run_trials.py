@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Outcome, children_of, run_once, run_with_kills  # noqa: E402
+from harness import RANDOM_TIME, Outcome, children_of, kill_plan, run_once, run_with_kills  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("train", "convert", "preprocess", "restart")
@@ -261,19 +261,21 @@ def run_mismatches(reference: tuple[Path, Path], trial: tuple[Path, Path]) -> li
     return problems
 
 
-def resume_points(outcome: Outcome, pattern: re.Pattern, per_log: bool) -> list[int]:
-    """Where each start began, in order, from the runs' logs (0: from scratch). ``per_log``: one
-    start per log, which says nothing when it started from scratch; else every start says it."""
+def resume_points(outcome: Outcome, pattern: re.Pattern, per_log: bool, silent: Optional[int]) -> list:
+    """Where each start began, in order, from the runs' logs. ``per_log``: one start per log, and
+    a log without the pattern says ``silent`` (preprocessing says nothing when it starts afresh;
+    a training start killed before it said where it resumed: None). Else (torchrun: every
+    round in one log) the matches in order."""
     texts = [p.read_text(errors="replace") for p in outcome.logs if p.exists()]
     if per_log:
         found = [pattern.search(t) for t in texts]
-        return [int(m.group(1)) if m else 0 for m in found]
+        return [(int(m.group(1)) if m.group(1) else 0) if m else silent for m in found]
     return [int(m.group(1)) if m.group(1) else 0 for m in pattern.finditer("".join(texts))]
 
 
-def fill_in_resumes(outcome: Outcome, pattern: re.Pattern, per_log: bool = False) -> None:
+def fill_in_resumes(outcome: Outcome, pattern: re.Pattern, per_log: bool, silent: Optional[int] = None) -> None:
     """Record for each kill where the following start resumed."""
-    starts = resume_points(outcome, pattern, per_log)
+    starts = resume_points(outcome, pattern, per_log, silent)
     for i, kill in enumerate(outcome.kills):
         kill.resumed_from = starts[i + 1] if i + 1 < len(starts) else None
 
@@ -344,10 +346,10 @@ class Trials:
             out = root / "corpus"
             root.mkdir(parents=True)
             probe = PreprocessProbe(out)
-            outcome = run_with_kills(preprocess_command(out), self.env, root / "logs", probe, ["preprocess"], rng,
-                                     kills, self.seconds["preprocess"], progress=probe.steps_logged,
+            outcome = run_with_kills(preprocess_command(out), self.env, root / "logs", probe,
+                                     [RANDOM_TIME] * kills, rng, self.seconds["preprocess"], progress=probe.steps_logged,
                                      timeout=self.timeout, seed=seed)
-            fill_in_resumes(outcome, PREPROCESS_RESUMED, per_log=True)
+            fill_in_resumes(outcome, PREPROCESS_RESUMED, per_log=True, silent=0)
             reference = self.references["preprocess"][0]
             problems = [f"{out}_text_document{ext} differs from the uninterrupted run's"
                         for ext in (".bin", ".idx")
@@ -362,7 +364,7 @@ class Trials:
             config = write_config(root / "config.json", self.data_prefix(), checkpoints, run_dir,
                                   2 if kind == "convert" else 1)
             probe = TrainProbe(checkpoints, run_dir, CONVERT_AT if kind == "convert" else 0)
-            phases = {"train": ["step", "save", "startup"], "convert": ["conversion", "step", "save"],
+            phases = {"train": ["save", "step", "startup"], "convert": ["conversion", "step", "save"],
                       "restart": ["step", "save"]}[kind]
             if kind == "restart":
                 command = torchrun_command(config, ranks=2, restarts=kills)
@@ -373,10 +375,11 @@ class Trials:
                 restart = False
             else:
                 command, victim, restart = train_command(config), (lambda p: p.pid), True
-            outcome = run_with_kills(command, self.env, root / "logs", probe, phases, rng, kills, self.seconds[kind],
+            outcome = run_with_kills(command, self.env, root / "logs", probe, kill_plan(rng, kills, phases), rng,
+                                     self.seconds[kind],
                                      victim=victim, progress=probe.steps_logged, restart=restart,
                                      timeout=self.timeout, seed=seed, on_start=probe.started)
-            fill_in_resumes(outcome, RESUMED)
+            fill_in_resumes(outcome, RESUMED, per_log=restart)
             problems = [] if outcome.returncode == 0 else [f"the run ended with exit status {outcome.returncode}"]
             problems += run_mismatches(reference, (run_dir, checkpoints))
             lost_limit = SAVE_INTERVAL
