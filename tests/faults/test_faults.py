@@ -83,8 +83,9 @@ def test_a_full_disk_stops_or_continues_and_loses_nothing(tmp_path, tmpfs):
     used = shutil.disk_usage(disk).used
     remount(used + size // 2)  # room for half a checkpoint more
 
-    # stop: the run ends non-zero with the message, global_step3 stays complete.
-    status, out = run(write_config(tmp_path, "stop", corpus, checkpoints, train_iters=6, save_interval=3))
+    # stop: the run ends non-zero with the message, global_step3 stays complete. (Both runs have the
+    # same train_iters: the learning-rate schedule depends on it.)
+    status, out = run(write_config(tmp_path, "stop", corpus, checkpoints, train_iters=12, save_interval=3))
     assert status != 0
     assert f"saving checkpoint {checkpoints / 'global_step6'} failed" in out and "bytes are free" in out
     assert f"{checkpoints / 'global_step3'}, is intact" in out and "Traceback" not in out
