@@ -113,3 +113,24 @@ def test_preprocessing_on_a_full_filesystem_leaves_no_finished_looking_output(tm
         err = capsys.readouterr().err
         assert code == 1 and "No space left on device" in err and "Traceback" not in err
         assert not [p.name for p in disk.iterdir() if p.name.endswith((".bin", ".idx"))]
+
+
+@pytest.mark.skipif(not can_mount(), reason="mounting a tmpfs needs root")
+def test_universal_conversion_on_a_full_filesystem_leaves_no_finished_looking_output(tmp_path, monkeypatch):
+    from deepspeed.checkpoint import ds_to_universal
+
+    from megatron.checkpoint import universal
+
+    def converter_filling_the_disk(args):  # DeepSpeed's converter, writing more than the disk holds
+        os.makedirs(os.path.join(args.output_folder, "zero", "word_embeddings.weight"), exist_ok=True)
+        torch.save({"param": torch.zeros(1 << 20)}, os.path.join(args.output_folder, "zero", "word_embeddings.weight",
+                                                                  "fp32.pt"))
+
+    monkeypatch.setattr(ds_to_universal, "main", converter_filling_the_disk)
+    with small_tmpfs(tmp_path, "1m") as disk:
+        (disk / "global_step4").mkdir()
+        with pytest.raises(RuntimeError, match="converting .*global_step4 to a universal checkpoint failed"):
+            universal.convert_to_universal(disk / "global_step4", disk / "global_step4_universal", False, 2)
+        gc.collect()
+        assert sorted(p.name for p in disk.iterdir()) == ["global_step4"]  # no output, no staging left
+        assert not universal.is_complete(disk / "global_step4_universal")
