@@ -142,16 +142,17 @@ def preprocess_command(output_prefix: Path) -> list[str]:
 class TrainProbe:
     """A training run's phase from its files: ``conversion`` while a universal conversion is
     staged, ``save`` while a ``global_stepN.tmp-*`` exists, ``step`` once this start has logged
-    a step, else ``startup``."""
+    a step, else ``startup``. Staging directories left by a killed start do not count: only
+    those this start made (modified since it began)."""
 
     def __init__(self, checkpoints: Path, run_dir: Path, first_step: int = 0):
         self.checkpoints, self.metrics = checkpoints, run_dir / "metrics.jsonl"
-        self.baseline = 0
+        self.baseline, self.began = 0, 0.0
         self.first_step = first_step  # where the run starts (a resumed run: its checkpoint's step)
 
     def started(self) -> None:
-        """A (re)start: steps logged before it do not count as this start's."""
-        self.baseline = self._size()
+        """A (re)start: steps logged and directories made before it are not this start's."""
+        self.baseline, self.began = self._size(), time.time()
 
     def _size(self) -> int:
         try:
@@ -159,14 +160,20 @@ class TrainProbe:
         except OSError:
             return 0
 
+    def _made_now(self, name: str) -> bool:
+        try:
+            return (self.checkpoints / name).stat().st_mtime >= self.began
+        except OSError:
+            return False
+
     def __call__(self) -> str:
         try:
             names = os.listdir(self.checkpoints)
         except OSError:
             names = []
-        if any(n.endswith("_universal.tmp") for n in names):
+        if any(n.endswith("_universal.tmp") and self._made_now(n) for n in names):
             return "conversion"
-        if any(".tmp-" in n for n in names):
+        if any(".tmp-" in n and self._made_now(n) for n in names):
             return "save"
         return "step" if self._size() > self.baseline else "startup"
 
