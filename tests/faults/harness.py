@@ -69,11 +69,12 @@ def run_once(command: list[str], env: dict[str, str], log: Path, timeout: float)
 RANDOM_TIME = "random time"
 
 
-def kill_plan(rng: random.Random, kills: int, phases: list[str]) -> list[str]:
+def kill_plan(rng: random.Random, kills: int, phases: list[str], random_times: bool = True) -> list[str]:
     """What each of ``kills`` kills aims at: the first at ``phases[0]`` (the phase a kind of run
     exists to test, so that a short one such as a save is hit in every trial), the others at a
-    random time or a random phase of ``phases``."""
-    return [phases[0]] + [rng.choice([RANDOM_TIME, RANDOM_TIME, *phases]) for _ in range(kills - 1)]
+    random phase of ``phases`` or (``random_times``) a random time."""
+    choices = [RANDOM_TIME, RANDOM_TIME, *phases] if random_times else phases
+    return [phases[0]] + [rng.choice(choices) for _ in range(kills - 1)]
 
 
 def run_with_kills(command: list[str], env: dict[str, str], logs: Path, probe: PhaseProbe, aims: list[str],

@@ -382,7 +382,10 @@ class Trials:
                 restart = False
             else:
                 command, victim, restart = train_command(config), (lambda p: p.pid), True
-            outcome = run_with_kills(command, self.env, root / "logs", probe, kill_plan(rng, kills, phases), rng,
+            # torchrun's rounds share one log, read in order: each round is killed after it said where it
+            # resumed (a step or a save), so that every kill is matched with the round after it.
+            plan = kill_plan(rng, kills, phases, random_times=kind != "restart")
+            outcome = run_with_kills(command, self.env, root / "logs", probe, plan, rng,
                                      self.seconds[kind],
                                      victim=victim, progress=probe.steps_logged, restart=restart,
                                      timeout=self.timeout, seed=seed, on_start=probe.started)
