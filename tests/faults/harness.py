@@ -121,6 +121,8 @@ def run_with_kills(command: list[str], env: dict[str, str], logs: Path, probe: P
                 if process.returncode != 0:
                     raise RuntimeError(f"the run failed with exit status {process.returncode} (see {log})")
                 break
+            if pid is None:
+                raise RuntimeError(f"the run did not reach {aimed!r} within {timeout:.0f} s (see {log})")
             phase = probe()
             try:
                 os.kill(pid, signal.SIGKILL)
