@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RANDOM_TIME, Outcome, children_of, kill_plan, run_once, run_with_kills  # noqa: E402
+from harness import Outcome, children_of, kill_plan, run_once, run_with_kills  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("train", "convert", "preprocess", "restart")
@@ -188,16 +188,23 @@ class TrainProbe:
 
 
 class PreprocessProbe:
-    """Preprocessing is one phase; its progress is the committed document count."""
+    """A preprocessing run is in ``preprocess`` once this start has committed progress (its
+    record ``PREFIX.partial.json`` was written since it began), else in ``startup``; its
+    progress is the committed document count."""
 
     def __init__(self, output_prefix: Path):
         self.state = Path(f"{output_prefix}.partial.json")
+        self.began = 0.0
 
     def started(self) -> None:
-        """Nothing to reset."""
+        """A (re)start: records written before it are not this start's."""
+        self.began = time.time()
 
     def __call__(self) -> str:
-        return "preprocess"
+        try:
+            return "preprocess" if self.state.stat().st_mtime >= self.began else "startup"
+        except OSError:
+            return "startup"
 
     def steps_logged(self) -> Optional[int]:
         """Documents committed so far (0 before the first commit, and after the last: the output
@@ -354,8 +361,9 @@ class Trials:
             root.mkdir(parents=True)
             probe = PreprocessProbe(out)
             outcome = run_with_kills(preprocess_command(out), self.env, root / "logs", probe,
-                                     [RANDOM_TIME] * kills, rng, self.seconds["preprocess"], progress=probe.steps_logged,
-                                     timeout=self.timeout, seed=seed)
+                                     kill_plan(rng, kills, ["preprocess"]), rng, self.seconds["preprocess"],
+                                     progress=probe.steps_logged, timeout=self.timeout, seed=seed,
+                                     on_start=probe.started)
             fill_in_resumes(outcome, PREPROCESS_RESUMED, per_log=True, silent=0)
             reference = self.references["preprocess"][0]
             problems = [f"{out}_text_document{ext} differs from the uninterrupted run's"
