@@ -1,5 +1,5 @@
 # Convenience targets; each calls the same scripts the README and CI use.
-.PHONY: setup test test-slow test-slurm test-hosts test-flax demo lock
+.PHONY: setup test test-slow test-slurm test-hosts test-faults test-faults-ci test-flax demo lock
 
 setup:
 	bash scripts/setup.sh
@@ -17,6 +17,18 @@ test-slurm:
 # Two hosts as network namespaces (root): torchrun across them, a stuck rank named, a resume on one host.
 test-hosts:
 	bash scripts/setup.sh && . scripts/env.sh && .venv/bin/python -m pytest -m two_hosts tests/test_two_hosts.py
+
+# Fault tier: random kill -9 trials (python tests/faults/run_trials.py --help; kills in start-up, steps, saves,
+# universal conversion, preprocessing, and a rank of a torchrun --max-restarts job), then real runs on a full disk
+# and two runs on one checkpoint directory (pytest -m faults). CI: fixed seeds, one trial of each kind.
+test-faults-ci:
+	bash scripts/setup.sh && . scripts/env.sh && .venv/bin/python tests/faults/run_trials.py --seeds 1,2,3,4 \
+		&& .venv/bin/python -m pytest -m faults tests/faults
+
+# The same with 20 trials on fresh seeds (printed, to replay one: run_trials.py --seeds SEED --kinds KIND).
+test-faults:
+	bash scripts/setup.sh && . scripts/env.sh && .venv/bin/python tests/faults/run_trials.py --trials 20 \
+		&& .venv/bin/python -m pytest -m faults tests/faults
 
 # transformers' Flax BLOOM classes (transformers 4.46.x, jax CPU) load our export: its own cached .venv-flax.
 test-flax:

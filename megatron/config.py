@@ -194,6 +194,12 @@ class CheckpointConfig:
     # Worker processes of rank 0's in-job universal conversion (resume on another layout); the
     # offline tool tools/convert_checkpoint.py takes --workers.
     universal_conversion_workers: int = 1
+    # What resuming checks: fast, sizes and each torch file's zip directory (kilobytes per file);
+    # full, also every file's CRC32 against the manifest (reads every byte: see bench/README.md).
+    verify: str = "fast"
+    # A save that fails on a full disk (ENOSPC, EFBIG): stop the run (non-zero exit, naming the
+    # directory and the bytes needed), or continue training and try again at the next interval.
+    on_save_failure: str = "stop"
 
 
 @dataclass
@@ -363,6 +369,11 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
              "train something else. Use the default AdamW")
     for name in ("adam_beta1", "adam_beta2"):
         _require(0.0 <= getattr(o, name) < 1.0, f"optimizer.{name} must be in [0, 1), got {getattr(o, name)}")
+
+    c = cfg.checkpoint
+    _require(c.verify in ("fast", "full"), f"checkpoint.verify must be fast or full, got {c.verify!r}")
+    _require(c.on_save_failure in ("stop", "continue"),
+             f"checkpoint.on_save_failure must be stop or continue, got {c.on_save_failure!r}")
 
     n = cfg.logging.eval_languages_per_interval
     _require(n is None or n >= 0, f"logging.eval_languages_per_interval must be >= 0 or null, got {n}")

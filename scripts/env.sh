@@ -8,3 +8,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 # Never reach for the Hugging Face Hub: everything is built or shipped locally.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# torchrun --max-restarts: with the default shared rendezvous store, the ranks of a restarted round
+# failed to connect ("Gloo connectFullMesh failed ... Connection refused", torch 2.13); a store per
+# round (the workers' own, on a fresh port) restarts cleanly (tests/faults/run_trials.py --kinds restart).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"

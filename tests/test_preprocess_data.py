@@ -199,7 +199,7 @@ def test_spawned_workers_match(tmp_path):
         assert (tmp_path / f"a_text_document{ext}").read_bytes() == (tmp_path / f"b_text_document{ext}").read_bytes()
 
 
-def test_interrupted_run_leaves_no_final_files(tmp_path, monkeypatch):
+def test_interrupted_run_leaves_no_final_files_and_the_same_command_continues(tmp_path, monkeypatch, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": f"document {i}"} for i in range(50)])
     real, calls = pp.encode_batch, []
 
@@ -210,9 +210,22 @@ def test_interrupted_run_leaves_no_final_files(tmp_path, monkeypatch):
         return real(batch)
 
     monkeypatch.setattr(pp, "encode_batch", dies_on_third_batch)
-    code = run_cli("--input", src, "--tokenizer", TOKENIZER, "--output-prefix", tmp_path / "i", "--chunk-size", "10")
+    command = ("--input", src, "--tokenizer", TOKENIZER, "--chunk-size", "10", "--commit-interval", "0")
+    code = run_cli(*command, "--output-prefix", tmp_path / "i")
     assert code == 130 and len(calls) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no .bin/.idx, no .tmp either
+    # No .bin/.idx: only the committed progress of the first two batches, under names no reader takes.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "i.partial.json", "i_text_document.bin.partial", "i_text_document.sizes.partial", "in.jsonl"]
+    monkeypatch.setattr(pp, "encode_batch", real)
+    capsys.readouterr()
+    encoded = []
+    monkeypatch.setattr(pp, "encode_batch", lambda batch: encoded.append(batch.first) or real(batch))
+    assert run_cli(*command, "--output-prefix", tmp_path / "i") == 0
+    assert "resuming" in capsys.readouterr().err and len(encoded) == 3  # batches 3-5 only
+    assert run_cli(*command, "--output-prefix", tmp_path / "whole") == 0
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"i_text_document{ext}").read_bytes() == (tmp_path / f"whole_text_document{ext}").read_bytes()
+    assert not [p.name for p in tmp_path.iterdir() if "partial" in p.name]
 
 
 def test_failure_exit_codes(tmp_path, capsys):

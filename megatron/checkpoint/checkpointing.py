@@ -35,7 +35,11 @@ else; our converter reads the files with the restricted unpickler only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import re
+import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +56,7 @@ from megatron.checkpoint.universal_conversion import convert_to_universal, offli
 from megatron.config import Config
 from megatron.core.distributed import on_rank0
 from megatron.core.parallel_state import ParallelState
-from megatron.errors import CheckpointError
+from megatron.errors import CheckpointError, ProjectError
 from megatron.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:  # deepspeed is imported where an engine is built, not when this module loads
@@ -130,7 +134,12 @@ class Checkpointer:
     # -- saving -------------------------------------------------------------------------------
 
     def save(self, engine: DeepSpeedEngine, train_state: dict[str, Any], schedule: dict[str, Any]) -> None:
-        """Write checkpoint ``global_step{iteration}`` atomically (see the module docstring)."""
+        """Write checkpoint ``global_step{iteration}`` atomically (see the module docstring).
+
+        Raises :class:`CheckpointSaveFailed` on every rank when the disk filled up (ENOSPC,
+        EDQUOT, or EFBIG from a file-size limit) on any rank: the partial checkpoint is removed,
+        the previous ones are untouched, and the message names the directory and the bytes needed.
+        """
         directory = self.cfg.checkpoint.save
         if not directory:
             raise CheckpointError("checkpoint.save is not set: set it to a directory to save checkpoints")
@@ -147,27 +156,63 @@ class Checkpointer:
 
         temporary = on_rank0(prepare_directory, f"prepare checkpoint directory {directory}")
         client_state = self._client_state(train_state, schedule)
-        engine.save_checkpoint(directory, tag=temporary, client_state=client_state, save_latest=False)
-        if not self.parallel.pp_enabled:
-            self._write_layer_files(engine, Path(directory) / temporary)
-        if dist.is_initialized():
-            dist.barrier()  # every rank's files are on disk before rank 0 commits
+        failure = None
+        try:
+            engine.save_checkpoint(directory, tag=temporary, client_state=client_state, save_latest=False)
+            if not self.parallel.pp_enabled:
+                self._write_layer_files(engine, Path(directory) / temporary)
+        except Exception as exc:  # noqa: BLE001 - only a full disk is handled; the rest is re-raised below
+            failure = disk_full_reason(exc, directory)
+            if failure is None:
+                raise
+        # Every rank learns whether any rank ran out of space (also the barrier before the commit:
+        # every rank's files are on disk before rank 0 commits).
+        failure = _first_failure(failure)
 
-        def commit() -> CheckpointInfo:
+        def commit() -> CheckpointInfo | str:
+            if failure is not None:
+                return self._discard(store, temporary, tag, failure)
             metadata = {"layout": self.layout(), "train_state": dict(train_state), "schedule": dict(schedule),
                         "config": self.cfg.to_dict(), "padded_vocab_size": self.cfg.padded_vocab_size,
                         "write_seconds": round(time.perf_counter() - start, 3)}
-            info = store.commit(temporary, tag, metadata)
+            try:
+                info = store.commit(temporary, tag, metadata)
+            except OSError as exc:  # the manifest itself, or ``latest``, did not fit
+                reason = disk_full_reason(exc, directory)
+                if reason is None:
+                    raise
+                return self._discard(store, temporary, tag, reason)
             for deleted in store.apply_retention(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every):
                 logger.info("deleted checkpoint %s/%s (checkpoint.keep_last=%s, keep_every=%s)", directory, deleted,
                             self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
             return info
 
         info = on_rank0(commit, f"commit checkpoint {directory}/{tag}")
+        if isinstance(info, str):
+            raise CheckpointSaveFailed(info)
         if self.rank == 0:
             size = sum(info.manifest["files"].values())
             logger.info("saved checkpoint %s (%d files, %.1f MB) in %.2f s", info.path, len(info.manifest["files"]),
                         size / 1e6, time.perf_counter() - start)
+
+    def _discard(self, store: CheckpointStore, temporary: str, tag: str, reason: str) -> str:
+        """Remove the partial ``temporary`` checkpoint after a full disk; the message for the user."""
+        staging = store.directory / temporary
+        written = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file()) if staging.is_dir() else 0
+        store.discard(temporary)
+        newest, _ = store.find_newest_complete()
+        free = shutil.disk_usage(store.directory).free
+        if newest is not None:
+            needed = sum(newest.manifest["files"].values())
+            kept = f"the newest complete checkpoint, {newest.path}, is intact"
+            size = f"a checkpoint of this run takes about {needed:,} bytes"
+        else:
+            kept = "there is no earlier complete checkpoint"
+            size = f"more than the {written:,} bytes written before the failure are needed"
+        return (f"saving checkpoint {store.directory / tag} failed: {reason}. {size}; {free:,} bytes are free in "
+                f"{store.directory}. The partial checkpoint was removed and {kept}. Free space (or raise the file-"
+                "size limit, ulimit -f), or set checkpoint.save elsewhere; with checkpoint.on_save_failure: continue "
+                "the run keeps training and tries again at the next save_interval")
 
     def _client_state(self, train_state: dict[str, Any], schedule: dict[str, Any]) -> dict[str, Any]:
         rng = gather_data_parallel(capture_rng_state(self.rng_tracker), self.parallel.dp_group, self.parallel.dp_size)
@@ -231,7 +276,7 @@ class Checkpointer:
 
         def find() -> Optional[ResumePoint]:
             store = CheckpointStore(directory)
-            info, report = store.find_newest_complete()
+            info, report = store.find_newest_complete(self.cfg.checkpoint.verify)
             for line in report:
                 logger.warning(line)
             if info is None and store.tags():
@@ -362,6 +407,49 @@ def _wait_for_conversion(target: Path, failure: Path, rank: int, poll_seconds: f
             logger.info("rank %d: waiting %.0f min for the universal conversion %s", rank,
                         (last_report - start) / 60, target)
         time.sleep(poll_seconds)
+
+
+class CheckpointSaveFailed(ProjectError, RuntimeError):
+    """A save ran out of disk space; the partial checkpoint is gone and the previous one intact."""
+
+
+_TORCH_WRITE_FAILURE = re.compile(r"iostream error|write failed|unexpected pos")
+_NEARLY_FULL = 1 << 20  # free bytes under which a failed write is put down to a full file system
+_DISK_FULL_ERRNOS = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)",
+                     errno.EFBIG: "file larger than the file-size limit (EFBIG)"}
+
+
+def disk_full_reason(exc: BaseException, directory: str | Path | None = None) -> Optional[str]:
+    """What filled up, when ``exc`` (or an exception it was raised from) is a failed write; else None.
+
+    ``torch.save`` reports a failed write as a RuntimeError without the errno ("iostream error",
+    "file write failed", "unexpected pos"): the cause is then read from the machine, a full
+    file system under ``directory`` or a finite file-size limit (``ulimit -f``).
+    """
+    seen: Optional[BaseException] = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
+            return _DISK_FULL_ERRNOS[seen.errno]
+        if isinstance(seen, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(seen)):
+            break
+        seen = seen.__cause__ or seen.__context__
+    else:
+        return None
+    if directory is not None and shutil.disk_usage(directory).free < _NEARLY_FULL:
+        return _DISK_FULL_ERRNOS[errno.ENOSPC]
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return (f"{_DISK_FULL_ERRNOS[errno.EFBIG]}: the file-size limit is "
+                f"{resource.getrlimit(resource.RLIMIT_FSIZE)[0]:,} bytes")
+    return f"a file write failed ({str(seen).splitlines()[0][:200]})"
+
+
+def _first_failure(failure: Optional[str]) -> Optional[str]:
+    """Every rank's view of a save: None when every rank wrote its files, else a failing rank's reason."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failure
+    reasons: list[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, failure)
+    return next((r for r in reasons if r is not None), None)
 
 
 def _describe(layout: dict[str, Any]) -> str:

@@ -1,8 +1,11 @@
 """The checkpoint directory on disk: atomic commits, completeness checks, discovery, retention.
 
 A checkpoint is complete when its directory is named ``global_stepN`` and its
-``manifest.json`` lists every file with its size, and the files on disk still match, and every
-``.pt`` file's pickle passes the allow-list scan (megatron/checkpoint/pickle_scan.py). A
+``manifest.json`` lists every file with its size and CRC32, and the files on disk still match,
+and every ``.pt`` file's pickle passes the allow-list scan (megatron/checkpoint/pickle_scan.py).
+Two depths of checking (``checkpoint.verify``): ``fast`` compares sizes and reads each torch
+file's zip directory (kilobytes per file); ``full`` also recomputes every file's CRC32, which
+reads every byte and so catches a bit flipped inside a tensor (cost per GB: bench/README.md). A
 directory Megatron-DeepSpeed wrote (no manifest) is complete when every file its layout implies
 is there and passes the scan (megatron/checkpoint/megatron_deepspeed.py).
 Saving makes that true atomically:
@@ -33,6 +36,7 @@ import shutil
 import time
 import uuid
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Optional
@@ -58,6 +62,9 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT = "megatron-bloom-checkpoint"
 MANIFEST_VERSION = 1
 _TEMPORARY_MARKERS = (".tmp-", ".deleting-", ".replaced-")
+CHECKSUM_ALGORITHM = "crc32"  # zlib's: in the standard library, ~1 GB/s per core
+_READ_CHUNK = 16 << 20
+VERIFY_MODES = ("fast", "full")
 
 
 @dataclass
@@ -108,6 +115,39 @@ def check_torch_file(path: Path) -> Optional[str]:
     return None
 
 
+def file_crc32(path: Path) -> int:
+    """CRC32 (zlib) of a file's bytes, read in 16 MiB chunks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def damaged_torch_records(path: Path) -> list[str]:
+    """Records of a ``torch.save`` archive whose bytes no longer match the CRC32 the zip format
+    stores for each (a tensor's storage is one record, ``<archive>/data/<key>``): names what a
+    file-level checksum mismatch hit. Empty when the archive cannot tell."""
+    damaged = []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                try:
+                    with archive.open(info) as record:
+                        while record.read(_READ_CHUNK):
+                            pass
+                except zipfile.BadZipFile:
+                    damaged.append(info.filename)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return []
+    return damaged
+
+
+def has_checksums(manifest: dict[str, Any]) -> bool:
+    """Whether a manifest records checksums (manifests of older versions hold sizes only)."""
+    return manifest.get("checksums", {}).get("algorithm") == CHECKSUM_ALGORITHM
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of checkpoint directory ``path``; raises CheckpointError (a ValueError) naming
     the file and the problem, also for a manifest whose fields have the wrong types."""
@@ -137,7 +177,7 @@ def _check_manifest_fields(manifest_path: Path, manifest: dict[str, Any]) -> Non
 
     if not isinstance(manifest.get("version", 0), int) or isinstance(manifest.get("version"), bool):
         raise bad("version", "an integer")
-    for key in ("files", "layout", "train_state", "schedule", "config"):
+    for key in ("files", "layout", "train_state", "schedule", "config", "checksums"):
         if not isinstance(manifest.get(key, {}), dict):
             raise bad(key, "a mapping")
     for name, size in manifest.get("files", {}).items():
@@ -147,35 +187,59 @@ def _check_manifest_fields(manifest_path: Path, manifest: dict[str, Any]) -> Non
     for section, values in manifest.get("config", {}).items():
         if not isinstance(values, dict):
             raise bad(f"config.{section}", "a mapping")
+    checksums = manifest.get("checksums", {}).get("files", {})
+    if not isinstance(checksums, dict):
+        raise bad("checksums.files", "a mapping")
+    for name, crc in checksums.items():
+        if not isinstance(crc, int) or isinstance(crc, bool) or not 0 <= crc < 2**32:
+            raise bad(f"checksums.files.{name}", "a CRC32 (an integer in [0, 2^32))")
 
 
-def verify_checkpoint(path: Path) -> list[str]:
-    """Problems that make checkpoint directory ``path`` unusable (empty when it is complete)."""
+def verify_checkpoint(path: Path, mode: str = "fast") -> list[str]:
+    """Problems that make checkpoint directory ``path`` unusable (empty when it is complete).
+
+    ``mode`` "fast": sizes, torch files' zip directories and the pickle scan; "full": also every
+    file's CRC32 against the manifest (a manifest written before checksums were recorded gets the
+    fast check only: :func:`has_checksums` tells which).
+    """
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify mode must be one of {VERIFY_MODES}, got {mode!r}")
     try:
         manifest = read_manifest(path)
     except CheckpointError as exc:
         return [str(exc)]
-    problems = []
-    for name, size in manifest.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{file} is missing")
-            continue
-        actual = file.stat().st_size
-        if actual != size:
-            problems.append(f"{file} has {actual} bytes but the manifest records {size}: it was truncated or "
-                            "overwritten")
-            continue
-        if file.suffix == ".pt":
-            problem = check_torch_file(file)
-            if problem:
-                problems.append(f"{file} {problem}")
-                continue
-            try:
-                scan_file(file)  # before DeepSpeed unpickles it with weights_only=False
-            except UntrustedCheckpointError as exc:
-                problems.append(str(exc))
-    return problems
+    problems = (check_file(path, name, manifest, mode) for name in manifest.get("files", {}))
+    return [p for p in problems if p]
+
+
+def check_file(path: Path, name: str, manifest: dict[str, Any], mode: str = "fast") -> Optional[str]:
+    """Why file ``name`` of checkpoint directory ``path`` does not match ``manifest`` (None: it does),
+    at depth ``mode`` (see :func:`verify_checkpoint`)."""
+    file = path / name
+    if not file.is_file():
+        return f"{file} is missing"
+    actual, size = file.stat().st_size, manifest["files"][name]
+    if actual != size:
+        return f"{file} has {actual} bytes but the manifest records {size}: it was truncated or overwritten"
+    if file.suffix == ".pt":
+        problem = check_torch_file(file)
+        if problem:
+            return f"{file} {problem}"
+    expected = manifest.get("checksums", {}).get("files", {}).get(name) if mode == "full" else None
+    if expected is not None:
+        actual_crc = file_crc32(file)
+        if actual_crc != expected:
+            records = damaged_torch_records(file) if file.suffix == ".pt" else []
+            where = f" (damaged records: {', '.join(records)})" if records else ""
+            return (f"{file} has CRC32 {actual_crc:08x} but the manifest records {expected:08x}{where}: its bytes "
+                    "changed after the save (bad disk, memory or copy); restore it from a copy, or delete the "
+                    "checkpoint to resume from an older one")
+    if file.suffix == ".pt":
+        try:
+            scan_file(file)  # before DeepSpeed unpickles it with weights_only=False
+        except UntrustedCheckpointError as exc:
+            return str(exc)
+    return None
 
 
 # -- the directory of checkpoints ---------------------------------------------------------------
@@ -201,9 +265,9 @@ class CheckpointStore:
         return sorted(p for p in self.directory.iterdir()
                       if p.is_dir() and p.name.startswith(TAG_PREFIX) and any(m in p.name for m in _TEMPORARY_MARKERS))
 
-    def find_newest_complete(self) -> tuple[Optional[CheckpointInfo], list[str]]:
-        """The newest checkpoint that passes :func:`verify_checkpoint`, and a report line for
-        every newer one that was skipped (and for leftovers of interrupted saves)."""
+    def find_newest_complete(self, verify: str = "fast") -> tuple[Optional[CheckpointInfo], list[str]]:
+        """The newest checkpoint that passes :func:`verify_checkpoint` (at depth ``verify``), and a
+        report line for every newer one that was skipped (and for leftovers of interrupted saves)."""
         report = [f"ignoring {p}: an interrupted save or deletion (no complete checkpoint there)"
                   for p in self.leftovers() if ".tmp-" in p.name]
         for tag in self.tags():
@@ -215,7 +279,7 @@ class CheckpointStore:
                     return CheckpointInfo(self.directory, tag, iteration_of(tag), megatron_deepspeed.describe(path)), \
                         report
             else:
-                problems = verify_checkpoint(path)
+                problems = verify_checkpoint(path, verify)
                 if not problems:
                     manifest = read_manifest(path)
                     return CheckpointInfo(self.directory, tag, iteration_of(tag), manifest), report
@@ -241,20 +305,34 @@ class CheckpointStore:
             shutil.rmtree(path, ignore_errors=True)
         return removed
 
+    def discard(self, temporary_tag: str) -> None:
+        """Remove the partial checkpoint ``temporary_tag`` (a failed save); renamed first, so a
+        process killed halfway leaves a ``.deleting-`` leftover, never a ``.tmp-`` one to wonder about."""
+        path = self.directory / temporary_tag
+        if path.exists():
+            doomed = path.with_name(f"{temporary_tag.split('.tmp-')[0]}.deleting-{uuid.uuid4().hex[:8]}")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
     def commit(self, temporary_tag: str, tag: str, metadata: dict[str, Any]) -> CheckpointInfo:
         """Turn the fully written ``temporary_tag`` directory into checkpoint ``tag``.
 
-        fsyncs every file, writes ``manifest.json`` (files, sizes and ``metadata``) last, renames
+        fsyncs every file, writes ``manifest.json`` (files, sizes, CRC32s and ``metadata``) last, renames
         the directory, then points ``latest`` at it. An existing directory of the same name (a
         step saved again after resuming from an older checkpoint) is replaced.
         """
         staging = self.directory / temporary_tag
-        files = {}
+        files, checksums = {}, {}
         for file in fsync_tree(staging):
-            files[file.relative_to(staging).as_posix()] = file.stat().st_size
+            name = file.relative_to(staging).as_posix()
+            files[name] = file.stat().st_size
+            # Read back after the fsync: the checksum is of what the disk holds, as far as the
+            # page cache tells; a flip before this point would need the writer's own CRCs.
+            checksums[name] = file_crc32(file)
         manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "tag": tag,
                     "iteration": iteration_of(tag), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    **metadata, "files": files}
+                    **metadata, "files": files,
+                    "checksums": {"algorithm": CHECKSUM_ALGORITHM, "files": checksums}}
         atomic_write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
         final = self.directory / tag
         replaced = None

@@ -181,14 +181,21 @@ class IndexedDatasetBuilder:
             b.finalize("out_text_document.idx")
     """
 
-    def __init__(self, bin_path: str | os.PathLike, dtype: np.dtype | type | str = np.int32) -> None:
+    def __init__(self, bin_path: str | os.PathLike, dtype: np.dtype | type | str = np.int32,
+                 partial_path: str | os.PathLike | None = None) -> None:
+        """``partial_path``: write the ids there instead of a random hidden temporary, a name a
+        resumable writer finds again after a crash (see :meth:`commit_point`, :meth:`restore`)."""
         self.bin_path = os.fspath(bin_path)
         self.dtype = np.dtype(dtype).newbyteorder("=")
         dtype_code(self.dtype)  # fail now, not at finalize
         self._disk_dtype = _le(self.dtype)
-        fd, tmp = create_temporary(self.bin_path)
+        if partial_path is None:
+            fd, tmp = create_temporary(self.bin_path)
+        else:
+            tmp = os.fspath(partial_path)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
         self._tmp_bin = os.fspath(tmp)
-        self._file = os.fdopen(fd, "wb")
+        self._file = os.fdopen(fd, "r+b" if partial_path is not None else "wb")
         self._sizes = _Growable()
         self._doc_idx = _Growable()
         self._doc_idx.append(0)
@@ -286,6 +293,30 @@ class IndexedDatasetBuilder:
             other.close()
         with open(data_file_path(other_prefix), "rb") as src:
             shutil.copyfileobj(src, self._file, length=16 << 20)
+
+    # -- resuming (one-sequence documents, as preprocessing writes) ---------------------
+    def commit_point(self) -> tuple[int, np.ndarray]:
+        """Make everything added so far durable (flush + fsync); returns (bytes of ids written,
+        sizes of the sequences written): what :meth:`restore` needs to continue from here."""
+        self._check_open()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return self._file.tell(), self._sizes.view()
+
+    def restore(self, nbytes: int, sizes: np.ndarray) -> None:
+        """Continue a builder of one-sequence documents from a :meth:`commit_point`: ids after
+        ``nbytes`` (written after that commit, before a crash) are cut off."""
+        self._check_open()
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if int(sizes.sum()) * self._disk_dtype.itemsize != nbytes:
+            raise ValueError(f"{self._tmp_bin}: {len(sizes)} sizes summing to {int(sizes.sum())} ids do not make "
+                             f"{nbytes} bytes of {self.dtype}")
+        if os.fstat(self._file.fileno()).st_size < nbytes:
+            raise ValueError(f"{self._tmp_bin} holds fewer than the {nbytes} committed bytes: it was truncated")
+        self._file.truncate(nbytes)
+        self._file.seek(nbytes)
+        self._sizes.extend(sizes)
+        self._doc_idx.extend(np.arange(1, len(sizes) + 1, dtype=np.int64))
 
     # -- finishing ---------------------------------------------------------------------
     @property

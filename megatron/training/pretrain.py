@@ -18,6 +18,7 @@ import torch
 
 from megatron.checkpoint.checkpointing import Checkpointer
 from megatron.checkpoint.layer_files import is_layer_files_only, load_layer_files_into, resolve_checkpoint_dir
+from megatron.checkpoint.lock import CheckpointLock
 from megatron.checkpoint.store import CheckpointStore
 from megatron.config import Config, ConfigError, LoggingConfig, save_config
 from megatron.core.distributed import DistributedInfo, init_distributed, on_rank0, shutdown_distributed
@@ -57,6 +58,18 @@ def _pretrain(cfg: Config, lifecycle: RunLifecycle, on_finish) -> TrainState:
     info = init_distributed(cfg.parallel.distributed_timeout_minutes)
     cfg.validate(info.world_size)
     configure_logging(info.rank, cfg.logging)
+    # One run per checkpoint directory, checked before any work (megatron/checkpoint/lock.py).
+    lock = CheckpointLock(cfg.checkpoint.save) if cfg.checkpoint.save and info.rank == 0 else None
+    try:
+        if cfg.checkpoint.save:
+            on_rank0(lambda: lock.acquire(), f"lock checkpoint directory {cfg.checkpoint.save}")
+        return _train(cfg, lifecycle, on_finish, info)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, lifecycle: RunLifecycle, on_finish, info) -> TrainState:
     cfg, precision = resolve_precision(cfg, info.device)
     announce(precision, info.rank)
     p = cfg.parallel

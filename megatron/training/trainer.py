@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from megatron.checkpoint.checkpointing import Checkpointer, Resumed
+from megatron.checkpoint.checkpointing import Checkpointer, CheckpointSaveFailed, Resumed
 from megatron.config import Config
 from megatron.core.distributed import DistributedInfo
 from megatron.core.parallel_state import ParallelState
@@ -291,7 +291,7 @@ class Trainer:
                 break
         progress.close()
         if cfg.checkpoint.save and self._saved_iteration != s.iteration:
-            self.save()
+            self.save(final=True)
         if self.stop_reason and self.info.rank == 0:
             saved = (f"checkpoint {cfg.checkpoint.save} is at iteration {s.iteration}; start the same command to resume"
                      if cfg.checkpoint.save else "checkpoint.save is not set: nothing was saved")
@@ -331,11 +331,22 @@ class Trainer:
             console(format_valid_line(self.state.iteration, scalars, len(losses) - 1, len(self.data.valid_languages)))
         return scalars
 
-    def save(self) -> None:
-        """Checkpoint the engine and the loop's state (see megatron.checkpoint.checkpointing)."""
+    def save(self, final: bool = False) -> None:
+        """Checkpoint the engine and the loop's state (see megatron.checkpoint.checkpointing).
+
+        A save that fills the disk raises, unless ``checkpoint.on_save_failure`` is ``continue``
+        and this is not the run's last save: then training goes on and the next interval retries.
+        """
         self.check_tp_duplicates()
         self.progress.mark("checkpoint save", self.state.iteration)
-        self.checkpointer.save(self.engine, asdict(self.state), self._next_schedule())
+        try:
+            self.checkpointer.save(self.engine, asdict(self.state), self._next_schedule())
+        except CheckpointSaveFailed as exc:
+            if final or self.cfg.checkpoint.on_save_failure != "continue":
+                raise
+            if self.info.rank == 0:
+                console(f"warning: {exc}; continuing (checkpoint.on_save_failure: continue)")
+            return
         self._saved_iteration = self.state.iteration
 
     def _next_schedule(self) -> dict[str, Any]:
