@@ -12,6 +12,7 @@ import os
 import resource
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,21 +117,16 @@ def test_preprocessing_on_a_full_filesystem_leaves_no_finished_looking_output(tm
 
 
 @pytest.mark.skipif(not can_mount(), reason="mounting a tmpfs needs root")
-def test_universal_conversion_on_a_full_filesystem_leaves_no_finished_looking_output(tmp_path, monkeypatch):
-    from deepspeed.checkpoint import ds_to_universal
-
+def test_universal_conversion_on_a_full_filesystem_leaves_no_finished_looking_output(tmp_path):
     from megatron.checkpoint import universal
+    from megatron.checkpoint.universal_conversion import convert_to_universal
+    from megatron.errors import ConversionError
 
-    def converter_filling_the_disk(args):  # DeepSpeed's converter, writing more than the disk holds
-        os.makedirs(os.path.join(args.output_folder, "zero", "word_embeddings.weight"), exist_ok=True)
-        torch.save({"param": torch.zeros(1 << 20)}, os.path.join(args.output_folder, "zero", "word_embeddings.weight",
-                                                                  "fp32.pt"))
-
-    monkeypatch.setattr(ds_to_universal, "main", converter_filling_the_disk)
-    with small_tmpfs(tmp_path, "1m") as disk:
-        (disk / "global_step4").mkdir()
-        with pytest.raises(RuntimeError, match="converting .*global_step4 to a universal checkpoint failed"):
-            universal.convert_to_universal(disk / "global_step4", disk / "global_step4_universal", False, 2)
+    # A real ZeRO checkpoint (Megatron-DeepSpeed's, 0.8 MB) whose universal form does not fit the disk.
+    source = Path(__file__).parent / "fixtures" / "megatron_deepspeed_checkpoint" / "checkpoints" / "global_step3"
+    with small_tmpfs(tmp_path, "512k") as disk:
+        with pytest.raises(ConversionError, match="no space left on device.*run the same conversion again"):
+            convert_to_universal(source, disk / "global_step3_universal")
         gc.collect()
-        assert sorted(p.name for p in disk.iterdir()) == ["global_step4"]  # no output, no staging left
-        assert not universal.is_complete(disk / "global_step4_universal")
+        assert not universal.is_complete(disk / "global_step3_universal")
+        assert not (disk / "global_step3_universal").exists()  # only the staging folder may be left, to resume

@@ -35,10 +35,7 @@ else; our converter reads the files with the restricted unpickler only.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import re
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -57,7 +54,7 @@ from megatron.config import Config
 from megatron.core.distributed import on_rank0
 from megatron.core.parallel_state import ParallelState
 from megatron.errors import CheckpointError, ProjectError
-from megatron.utils.atomic import atomic_write_text
+from megatron.utils.atomic import atomic_write_text, disk_full_reason
 
 if TYPE_CHECKING:  # deepspeed is imported where an engine is built, not when this module loads
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -411,36 +408,6 @@ def _wait_for_conversion(target: Path, failure: Path, rank: int, poll_seconds: f
 
 class CheckpointSaveFailed(ProjectError, RuntimeError):
     """A save ran out of disk space; the partial checkpoint is gone and the previous one intact."""
-
-
-_TORCH_WRITE_FAILURE = re.compile(r"iostream error|write failed|unexpected pos")
-_NEARLY_FULL = 1 << 20  # free bytes under which a failed write is put down to a full file system
-_DISK_FULL_ERRNOS = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)",
-                     errno.EFBIG: "file larger than the file-size limit (EFBIG)"}
-
-
-def disk_full_reason(exc: BaseException, directory: str | Path | None = None) -> Optional[str]:
-    """What filled up, when ``exc`` (or an exception it was raised from) is a failed write; else None.
-
-    ``torch.save`` reports a failed write as a RuntimeError without the errno ("iostream error",
-    "file write failed", "unexpected pos"): the cause is then read from the machine, a full
-    file system under ``directory`` or a finite file-size limit (``ulimit -f``).
-    """
-    seen: Optional[BaseException] = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
-            return _DISK_FULL_ERRNOS[seen.errno]
-        if isinstance(seen, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(seen)):
-            break
-        seen = seen.__cause__ or seen.__context__
-    else:
-        return None
-    if directory is not None and shutil.disk_usage(directory).free < _NEARLY_FULL:
-        return _DISK_FULL_ERRNOS[errno.ENOSPC]
-    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
-        return (f"{_DISK_FULL_ERRNOS[errno.EFBIG]}: the file-size limit is "
-                f"{resource.getrlimit(resource.RLIMIT_FSIZE)[0]:,} bytes")
-    return f"a file write failed ({str(seen).splitlines()[0][:200]})"
 
 
 def _first_failure(failure: Optional[str]) -> Optional[str]:

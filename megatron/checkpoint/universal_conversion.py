@@ -54,7 +54,7 @@ from megatron.checkpoint.megatron_deepspeed import optimizer_files
 from megatron.checkpoint.pickle_scan import safe_load, scan_files
 from megatron.errors import ConversionError
 from megatron.model.layout import VOCABULARY_KEY, is_pipeline_name
-from megatron.utils.atomic import atomic_write_text, fsync_path, fsync_tree
+from megatron.utils.atomic import atomic_write_text, disk_full_reason, fsync_path, fsync_tree
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,24 @@ def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_targe
         zero3 = _zero_stage(checkpoint_dir) == 3
         plan = None if zero3 else _plan(checkpoint_dir, universal_info)
     staging = output_dir.with_name(output_dir.name + STAGING_SUFFIX)
+    try:
+        _convert_into(staging, source_files, plan, checkpoint_dir, output_dir, pipelined_target, num_layers, report,
+                      timer, workers, progress)
+    except (OSError, RuntimeError) as exc:
+        reason = disk_full_reason(exc, output_dir.parent)
+        if reason is None:
+            raise
+        raise ConversionError(f"converting {checkpoint_dir} into {output_dir}: {reason}. Nothing was published; the "
+                              f"finished parts are kept in {staging}: free space (the output takes about the size of "
+                              "the checkpoint's optimizer states) and run the same conversion again to continue") \
+            from exc
+    return report
+
+
+def _convert_into(staging: Path, source_files: list[Path], plan: Optional["_Plan"], checkpoint_dir: Path,
+                  output_dir: Path, pipelined_target: Optional[bool], num_layers: Optional[int],
+                  report: "ConversionReport", timer: "_PhaseTimer", workers: int, progress: bool) -> None:
+    """The phases after the scan: stage, extract, merge, finish, commit (see the module docstring)."""
     _prepare_staging(staging, source_files)
     if plan is None:
         with timer("deepspeed"):
@@ -164,7 +182,6 @@ def convert_to_universal(checkpoint_dir: Path, output_dir: Path, pipelined_targe
             _finish(plan, checkpoint_dir, staging)
     with timer("commit"):
         _commit(staging, output_dir, checkpoint_dir, pipelined_target, num_layers, report)
-    return report
 
 
 def _plan(checkpoint_dir: Path, universal_info: Optional[dict[str, Any]]) -> _Plan:

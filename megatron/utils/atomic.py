@@ -10,7 +10,8 @@ project follows one rule, implemented here:
 3. ``os.replace`` it over the target;
 4. ``fsync`` the directory, so the rename itself survives a crash.
 
-A failure before step 3 removes the temporary and leaves the target as it was.
+A failure before step 3 removes the temporary and leaves the target as it was; when the disk
+was full, :func:`disk_full_reason` says so (torch's writer loses the errno on the way).
 
 Whole directories follow the same rule one level up, as a checkpoint's commit does
 (``CheckpointStore.commit``): write everything under a temporary name next to the target,
@@ -29,11 +30,15 @@ changing the process-wide umask, which other threads may depend on.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import resource
 import secrets
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 _ATTEMPTS = 100  # as tempfile: a name clash is only likely with a directory full of leftovers
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
@@ -112,3 +117,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
     """Replace ``path`` by ``text`` (see ``atomic_write_bytes``)."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+_TORCH_WRITE_FAILURE = re.compile(r"iostream error|write failed|unexpected pos")
+_NEARLY_FULL = 1 << 20  # free bytes under which a failed write is put down to a full file system
+_DISK_FULL_ERRNOS = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)",
+                     errno.EFBIG: "file larger than the file-size limit (EFBIG)"}
+
+
+def disk_full_reason(exc: BaseException, directory: str | Path | None = None) -> Optional[str]:
+    """What filled up, when ``exc`` (or an exception it was raised from) is a failed write; else None.
+
+    ``torch.save`` reports a failed write as a RuntimeError without the errno ("iostream error",
+    "file write failed", "unexpected pos"): the cause is then read from the machine, a full
+    file system under ``directory`` or a finite file-size limit (``ulimit -f``).
+    """
+    seen: Optional[BaseException] = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
+            return _DISK_FULL_ERRNOS[seen.errno]
+        if isinstance(seen, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(seen)):
+            break
+        seen = seen.__cause__ or seen.__context__
+    else:
+        return None
+    if directory is not None and shutil.disk_usage(directory).free < _NEARLY_FULL:
+        return _DISK_FULL_ERRNOS[errno.ENOSPC]
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return (f"{_DISK_FULL_ERRNOS[errno.EFBIG]}: the file-size limit is "
+                f"{resource.getrlimit(resource.RLIMIT_FSIZE)[0]:,} bytes")
+    return f"a file write failed ({str(seen).splitlines()[0][:200]})"
