@@ -55,6 +55,11 @@ class UntrustedCheckpointError(ConversionError):
     megatron/checkpoint/pickle_scan.py: loading it could run arbitrary code, so it is refused."""
 
 
+class UsageError(ProjectError, ValueError):
+    """Command-line options that cannot work together or with the given files; the message says
+    which option to change."""
+
+
 class DataError(ProjectError, ValueError):
     """Training data that does not fit the run: missing or mismatched datasets or tokenizer."""
 

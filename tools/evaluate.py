@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +40,7 @@ try:
 except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from megatron.utils.terminal import show_progress
+from megatron.errors import process_rank, reports_errors  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -168,21 +168,13 @@ def evaluate(args: argparse.Namespace) -> dict:
             shutdown_distributed()
 
 
+@reports_errors("evaluate")
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the evaluation; returns the exit status."""
+    """Run the evaluation; returns the exit status. Expected errors (a missing checkpoint, bad data or options) end
+    it with one message from rank 0 and a non-zero status."""
     args = parse_args(argv)
-    from megatron.config import ConfigError
-    from megatron.errors import ConversionError
-
-    try:
-        report = evaluate(args)
-    except KeyboardInterrupt:
-        print("evaluate: interrupted", file=sys.stderr)
-        return 130
-    except (ConversionError, ConfigError, ValueError, OSError) as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 1
-    if args.output and int(os.environ.get("RANK", "0")) == 0:
+    report = evaluate(args)
+    if args.output and process_rank() == 0:
         from megatron.utils.atomic import atomic_write_text
 
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +32,7 @@ try:
 except ImportError:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from megatron.utils.terminal import show_progress
+from megatron.errors import UsageError, process_rank, reports_errors  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -86,7 +86,7 @@ def read_prompts(args: argparse.Namespace, config_prompts: list[str]) -> list[st
         prompts += [line for line in text.splitlines() if line.strip()]
     prompts = prompts or list(config_prompts)
     if not prompts:
-        raise ValueError("no prompt: pass --prompt TEXT or --prompts-file FILE (the checkpoint's config has no "
+        raise UsageError("no prompt: pass --prompt TEXT or --prompts-file FILE (the checkpoint's config has no "
                          "logging.sample_prompts)")
     return prompts
 
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                     progress=rank0 and show_progress(args.quiet))
         tokenizer_path = args.tokenizer or loaded.tokenizer
         if not tokenizer_path:
-            raise ValueError(f"no tokenizer found with {args.checkpoint}: pass --tokenizer tokenizer.json")
+            raise UsageError(f"no tokenizer found with {args.checkpoint}: pass --tokenizer tokenizer.json")
         tokenizer = load_tokenizer(tokenizer_path)
         prompts = read_prompts(args, loaded.cfg.logging.sample_prompts)
         max_new = args.max_new_tokens or loaded.cfg.logging.sample_tokens
@@ -133,21 +133,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             shutdown_distributed()
 
 
+@reports_errors("generate")
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the generation; returns the exit status."""
+    """Run the generation; returns the exit status. Expected errors (a missing checkpoint, bad data or options) end
+    it with one message from rank 0 and a non-zero status."""
     args = parse_args(argv)
-    from megatron.config import ConfigError
-    from megatron.errors import ConversionError
-
-    try:
-        records = run(args)
-    except KeyboardInterrupt:
-        print("generate: interrupted", file=sys.stderr)
-        return 130
-    except (ConversionError, ConfigError, ValueError, OSError) as err:
-        print(f"generate: error: {err}", file=sys.stderr)
-        return 1
-    if args.output and int(os.environ.get("RANK", "0")) == 0:
+    records = run(args)
+    if args.output and process_rank() == 0:
         from megatron.utils.atomic import atomic_write_text
 
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -31,9 +31,10 @@ import torch.distributed as dist
 
 from megatron.core.parallel_state import ParallelState
 from megatron.data.indexed_dataset import MMapIndexedDataset, index_file_path
+from megatron.errors import DataError
 
 
-class EvaluationDataError(ValueError):
+class EvaluationDataError(DataError):
     """A held-out data source cannot be read; the message names the file and what to do."""
 
 

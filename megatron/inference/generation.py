@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from megatron.errors import UsageError
 from megatron.model.bloom import BloomForCausalLM
 
 
@@ -37,11 +38,11 @@ class SamplingConfig:
     def validate(self) -> "SamplingConfig":
         """Raise ValueError naming the setting that is out of range."""
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature} (for greedy decoding use greedy)")
+            raise UsageError(f"temperature must be positive, got {self.temperature} (for greedy decoding use greedy)")
         if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0 (0: off), got {self.top_k}")
+            raise UsageError(f"top-k must be >= 0 (0: off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top-p must be in (0, 1] (1: off), got {self.top_p}")
+            raise UsageError(f"top-p must be in (0, 1] (1: off), got {self.top_p}")
         return self
 
 
@@ -77,7 +78,7 @@ def generate(model: BloomForCausalLM, prompt_ids: list[int], max_new_tokens: int
              eos_id: Optional[int] = None, device: str | torch.device = "cpu") -> list[int]:
     """The new token ids after ``prompt_ids`` (at most ``max_new_tokens``; stops after ``eos_id``)."""
     if not prompt_ids:
-        raise ValueError("an empty prompt has nothing to continue: give at least one token")
+        raise UsageError("an empty prompt has nothing to continue: give at least one token")
     model.eval()
     generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)

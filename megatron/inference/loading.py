@@ -35,7 +35,7 @@ from megatron.checkpoint.layout import iteration_of
 from megatron.config import Config
 from megatron.convert.to_hf import _check_against_files, resolve_config
 from megatron.core.parallel_state import ParallelState
-from megatron.errors import ConversionError
+from megatron.errors import ConversionError, UsageError
 from megatron.model.bloom import BloomForCausalLM, build_model
 from megatron.model.kernels import select_kernels
 
@@ -116,14 +116,14 @@ def inference_parallel_state(tp: int, pp: int = 1) -> tuple[ParallelState, bool]
     process group, or the launcher's world (torchrun, srun) split as TP x PP x DP."""
     if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) == 1:
         if tp * pp != 1:
-            raise ValueError(f"TP={tp} x PP={pp} needs {tp * pp} processes or a multiple: launch with "
+            raise UsageError(f"TP={tp} x PP={pp} needs {tp * pp} processes or a multiple: launch with "
                              f"torchrun --nproc-per-node {tp * pp}")
         return ParallelState.single(), False
     from megatron.core.distributed import init_distributed
 
     info = init_distributed()
     if info.world_size % (tp * pp):
-        raise ValueError(f"{info.world_size} processes cannot be split into model replicas of TP={tp} x PP={pp}: "
+        raise UsageError(f"{info.world_size} processes cannot be split into model replicas of TP={tp} x PP={pp}: "
                          f"launch a multiple of {tp * pp}")
     return ParallelState(info.world_size, info.rank, tp, pp), True
 
