@@ -31,7 +31,7 @@ Sources (cited by key below):
          (Omni-Path Architecture, dedicated NCCL subnet). (Not InfiniBand HDR.)
 [DS]     DeepSpeed 0.19 source: ``MEMORY_OPT_ALLREDUCE_SIZE = 500_000_000`` elements per
          buffer of the pipeline engine's gradient all-reduce (runtime/engine.py); ZeRO-1/2's
-         reduction buffer holds ``reduce_bucket_size`` elements (ours: 5e8, see
+         reduction buffer holds ``reduce_bucket_size`` elements (set in
          megatron/training/engine.py).
 [GMLAKE] C. Guo et al., "GMLake: Efficient and Transparent GPU Memory Defragmentation for
          Large-scale DNN Training with Virtual Memory Stitching", ASPLOS 2024: PyTorch's
@@ -150,9 +150,10 @@ GEMM_TILE = (256, 128)
 ELEMENTWISE_BYTES_PER_SBH = 30.0
 ELEMENTWISE_BYTES_PER_SBH_PER_TP = 16.0
 
-# DeepSpeed buffers [DS].
+# DeepSpeed's flat all-reduce buffer of the engine's gradient reduction (its constant, not
+# ours) [DS]. ZeRO's reduction bucket is our choice: megatron/training/engine.py's
+# REDUCE_BUCKET_ELEMENTS.
 PIPELINE_ALLREDUCE_ELEMENTS = 500_000_000
-ZERO_REDUCE_BUCKET_ELEMENTS = 500_000_000
 
 
 def device(name: str) -> DeviceProfile:

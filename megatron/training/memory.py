@@ -257,7 +257,9 @@ def _communication_buffers(cfg: Config, params: int, d: int, pp: int, low_precis
         reduce = 4.0 * min(params, hw.PIPELINE_ALLREDUCE_ELEMENTS) if d > 1 else 0.0
         return reduce, 0.0
     if zero in (1, 2) and not low_precision:
-        bucket = 4.0 * hw.ZERO_REDUCE_BUCKET_ELEMENTS
+        from megatron.training.engine import REDUCE_BUCKET_ELEMENTS
+
+        bucket = 4.0 * REDUCE_BUCKET_ELEMENTS
         step = 4.0 * params / d
         return (max(bucket, step), 0.0) if pp > 1 else (step, bucket)
     return 0.0, 0.0
