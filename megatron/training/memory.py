@@ -207,9 +207,8 @@ def estimate_memory(cfg: Config, world_size: int, device=None, kernels: Optional
     sbh = s * b * h
     full_layer = scale * sbh * ((34 - masks) / t if sp else (10 - masks) + 24 / t)
     scores = 0.0
-    if kernels.attention == "materialized":  # scores, softmax output (+ dropout mask and output)
+    if kernels.attention == "materialized":  # softmax output (+ dropout mask and output) per layer
         scores = scale * a * s * s * b / t * (5 if m.attention_dropout > 0 else 2)
-        full_layer += scores
     layer_input = act_bytes * sbh / (t if sp else 1)
     stored_layer = layer_input if tr.checkpoint_activations else full_layer
     stages = []
@@ -224,9 +223,10 @@ def estimate_memory(cfg: Config, world_size: int, device=None, kernels: Optional
         # The backward of one layer: its activations (recomputed or stored) and their gradients.
         working_set = (full_layer + 2 * layer_input) if blocks else 0.0
         logits = _head_bytes(cfg, kernels, act_bytes) if stage == pp - 1 else 0.0
-        attention = 0.0
-        if scores and tr.checkpoint_activations and blocks:
-            attention = 0.0  # the recomputed layer's scores are inside working_set already
+        # Materialised attention scores: kept by every stored layer, or by the one being
+        # recomputed; plus their gradient while that layer's backward runs.
+        kept_scores = (1 if tr.checkpoint_activations else in_flight * blocks) * scores if blocks else 0.0
+        attention = kept_scores + (scores if blocks else 0.0)
         lp_grads = 2.0 * params if low_precision else 0.0
         comm, comm_backward = _communication_buffers(cfg, params, d, pp, low_precision, hardware)
         # ZeRO-2 keeps only this rank's gradient partition after the reduction; ZeRO-3 also its
