@@ -115,3 +115,38 @@ def test_search_for_bloom_176b_ranks_its_layout_or_explains(capsys):
     rank_line = next(line for line in out.splitlines() if "<- the config's layout" in line)
     if int(rank_line.split()[0]) > 5:
         assert "the config's layout ranks" in out and "faster because:" in out
+
+
+def test_gemm_efficiency_follows_shape():
+    """Large aligned products run near the device's best matmul fraction (A100: MAMF 267.9 of 312
+    TFLOP/s); a partial last wave and skinny products (memory-bound) cost more."""
+    from megatron.planning import hardware
+    from megatron.planning.timing import gemm_efficiency, gemm_seconds
+
+    a100 = hardware.device("a100-80gb")
+    big = gemm_efficiency(8192, 16384, 8192, a100)
+    assert 0.9 * 267.9 / 312 <= big <= 267.9 / 312
+    # 109 tiles on 108 SMs: a second wave with one tile in it.
+    assert gemm_efficiency(256 * 109, 128, 4096, a100) < 0.6 * big
+    # A matrix-vector-like product moves its weights once per few FLOPs: HBM, not tensor cores.
+    skinny = gemm_seconds(8, 14336, 14336, a100)
+    assert skinny > 2 * (2 * 8 * 14336 * 14336) / (312e12 * big)
+
+
+def test_layout_knobs_move_memory_the_right_way():
+    from megatron.config import load_config
+    from megatron.planning import hardware
+    from megatron.training.memory import estimate_memory
+
+    h100 = hardware.device("h100")
+
+    def peak(*overrides, world=8):
+        cfg = load_config(CONFIGS / "bloom-7b1.yaml", list(overrides))
+        return max(st.total for st in estimate_memory(cfg, world, h100))
+
+    base = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=1"]
+    assert peak(*base, "training.checkpoint_activations=false") > peak(*base)
+    assert peak(*base, "training.checkpoint_activations=false", "parallel.sequence_parallel=true") < \
+        peak(*base, "training.checkpoint_activations=false")
+    assert peak(*base, "parallel.zero_stage=2") < peak(*base)
+    assert peak(*base, world=2) > peak(*base, world=8)  # ZeRO shards the optimizer over DP
