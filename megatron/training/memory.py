@@ -34,10 +34,9 @@ DeepSpeed's vocab-parallel loss) also an fp32 copy.
 
 Transient buffers, which peak at different moments, so the peak takes the largest phase:
 - backward: stored activations + working set + the LM head's buffers (+ ZeRO's reduction
-  bucket of ``reduce_bucket_size`` elements when there is no pipeline: allocated as the
-  backward starts);
-- gradient reduction (after the last backward): the pipeline engine's flat all-reduce buffer
-  (up to 5e8 elements), or ZeRO's bucket with a pipeline;
+  bucket of ``reduce_bucket_size`` elements in fp32: allocated as the backward starts);
+- gradient reduction (after the last backward): the engine's flat all-reduce buffer for bf16
+  (up to 5e8 elements), or, with a pipeline in fp32, a second ZeRO bucket next to the first;
 - optimizer step: ZeRO's flat fp32 gradient partition (4 P / d).
 
 On a GPU the caching allocator reserves more than the peak of live tensors (fragmentation,
@@ -261,7 +260,10 @@ def _communication_buffers(cfg: Config, params: int, d: int, pp: int, low_precis
 
         bucket = 4.0 * REDUCE_BUCKET_ELEMENTS
         step = 4.0 * params / d
-        return (max(bucket, step), 0.0) if pp > 1 else (step, bucket)
+        # The gradient hooks allocate one bucket as the backward starts; with a pipeline,
+        # ``reduce_gradients(pipeline_parallel=True)`` appends a second one for the reduction
+        # while the first is still held (measured: tests/test_planner_cpu_memory.py).
+        return (max(2 * bucket, step), bucket) if pp > 1 else (step, bucket)
     return 0.0, 0.0
 
 
