@@ -35,7 +35,7 @@ from megatron.config import ConfigError, load_config
 from megatron.planning import hardware as hw
 from megatron.training.memory import MEGATRON_DEEPSPEED_2022, Kernels
 
-KERNEL_SETS = {"auto": None, "ours": None, "megatron-deepspeed": MEGATRON_DEEPSPEED_2022}
+KERNEL_SETS = {"auto": None, "megatron-deepspeed": MEGATRON_DEEPSPEED_2022}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
