@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search", action="store_true", help="rank the layouts that fit, fastest first")
     parser.add_argument("--headroom", type=float, default=0.0,
                         help="with --search: fraction of device memory to keep free (e.g. 0.05)")
+    parser.add_argument("--no-sequence-parallel", action="store_true",
+                        help="with --search: leave sequence parallelism out (e.g. to compare with Megatron-DeepSpeed "
+                             "2022, which BLOOM-176B ran and which had none)")
     parser.add_argument("--top", type=int, default=10, help="with --search: how many layouts to print")
     parser.add_argument("--require-fit", action="store_true", help="exit 1 when the layout does not fit")
     return parser.parse_args(argv)
@@ -86,11 +89,12 @@ def build_cluster(args: argparse.Namespace) -> hw.Cluster:
     return hw.Cluster(device, args.nodes, args.gpus_per_node, inter, intra)
 
 
-def search_report(cfg, cluster: hw.Cluster, kernels: Kernels | None, headroom: float, top: int) -> tuple[str, list]:
+def search_report(cfg, cluster: hw.Cluster, kernels: Kernels | None, headroom: float, top: int,
+                  sequence_parallel=(False, True)) -> tuple[str, list]:
     """The ranking as text, with where the config's own layout lands and why the first wins."""
     from megatron.planning.plan import make_plan, search
 
-    plans = search(cfg, cluster, headroom, kernels)
+    plans = search(cfg, cluster, headroom, kernels, sequence_parallel=sequence_parallel)
     own = make_plan(cfg, cluster, kernels)
     lines = [f"{len(plans)} layouts fit {cluster.nodes} x {cluster.gpus_per_node} {cluster.device.name} with "
              f"{100 * headroom:.0f}% headroom; fastest first:",
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_plan(plan, args.tokens))
     result = plan.to_json(args.tokens)
     if args.search:
-        text, plans = search_report(cfg, cluster, kernels, args.headroom, args.top)
+        text, plans = search_report(cfg, cluster, kernels, args.headroom, args.top,
+                                    (False,) if args.no_sequence_parallel else (False, True))
         print()
         print(text)
         result["search"] = [{**pl.layout(), "memory_gib_per_gpu": pl.memory_bytes / 2**30,

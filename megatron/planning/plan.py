@@ -146,9 +146,11 @@ def with_layout(cfg: Config, tp: int, pp: int, micro_batch: int, recompute: bool
     return dataclasses.replace(cfg, parallel=parallel, training=training, model=model)
 
 
-def candidate_layouts(cfg: Config, cluster: hw.Cluster, micro_batch_sizes=(1, 2, 4, 8)) -> Iterator[Config]:
+def candidate_layouts(cfg: Config, cluster: hw.Cluster, micro_batch_sizes=(1, 2, 4, 8),
+                      sequence_parallel=(False, True)) -> Iterator[Config]:
     """Every layout (TP within a node, PP up to the layer count, DP the rest; micro-batch,
-    recompute, ZeRO stage, sequence parallelism) that the config's rules accept."""
+    recompute, ZeRO stage, sequence parallelism among ``sequence_parallel``) that the config's
+    rules accept."""
     world, heads, layers = cluster.world_size, cfg.model.num_attention_heads, cfg.model.num_layers
     gbs = cfg.training.global_batch_size
     for tp in (1, 2, 4, 8, 16):
@@ -163,7 +165,7 @@ def candidate_layouts(cfg: Config, cluster: hw.Cluster, micro_batch_sizes=(1, 2,
                     continue
                 for recompute in (True, False):
                     for zero in ((1,) if pp > 1 else (1, 2)):
-                        for sp in ((False, True) if tp > 1 else (False,)):
+                        for sp in (sequence_parallel if tp > 1 else (False,)):
                             candidate = with_layout(cfg, tp, pp, mbs, recompute, zero, sp)
                             try:
                                 candidate.validate(world)
@@ -173,12 +175,12 @@ def candidate_layouts(cfg: Config, cluster: hw.Cluster, micro_batch_sizes=(1, 2,
 
 
 def search(cfg: Config, cluster: hw.Cluster, headroom: float = 0.0, kernels: Optional[Kernels] = None,
-           micro_batch_sizes=(1, 2, 4, 8)) -> list[Plan]:
+           micro_batch_sizes=(1, 2, 4, 8), sequence_parallel=(False, True)) -> list[Plan]:
     """Layouts that fit ``cluster`` with ``headroom`` (a fraction of device memory kept free),
     fastest first."""
     budget = cluster.device.memory_bytes * (1 - headroom)
     plans = []
-    for candidate in candidate_layouts(cfg, cluster, micro_batch_sizes):
+    for candidate in candidate_layouts(cfg, cluster, micro_batch_sizes, sequence_parallel):
         plan = make_plan(candidate, cluster, kernels)
         if plan.memory_bytes <= budget:
             plans.append(plan)
