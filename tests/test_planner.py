@@ -94,7 +94,6 @@ def test_unknown_gpu_is_refused_with_the_choices(capsys):
     assert "unknown GPU profile 'v100'" in err and "a100-80gb" in err and "megatron/planning/hardware.py" in err
 
 
-@pytest.mark.slow
 def test_search_on_one_node_ranks_layouts_that_fit(capsys):
     assert plan_cli.main(["--config", str(CONFIGS / "bloom-1b7.yaml"), "--gpu", "a100-40gb", "--nodes", "1",
                           "--search", "--headroom", "0.1", "--top", "3", "--json", "-"]) == 0
