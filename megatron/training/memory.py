@@ -46,8 +46,9 @@ what ``nvidia-smi`` shows. The "cpu" profile has neither.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from megatron.config import Config
@@ -104,7 +105,6 @@ class StageMemory:
     context: float = 0.0  # CUDA context + NCCL (device profile)
     fragmentation: float = 0.0  # allocator cache beyond the peak of live tensors
     in_flight: int = 1
-    parts: dict = field(default_factory=dict)
 
     @property
     def states(self) -> float:
@@ -232,14 +232,14 @@ def estimate_memory(cfg: Config, world_size: int, device=None, kernels: Optional
         # weight partition (gathered layer by layer, a transient the working set covers).
         grad_bytes = 4.0 / d if p.zero_stage >= 2 else 4.0
         weights = params * weight_bytes / (d if p.zero_stage == 3 else 1)
-        states = weights + params * (grad_bytes + optimizer_bytes) + lp_grads
-        backward = activations + working_set + logits + attention + comm_backward
-        peak = states + max(backward, comm)
-        fragmentation = peak * device.fragmentation / (1 - device.fragmentation) if device.fragmentation else 0.0
         context = device.context_bytes + (_nccl_bytes(t, pp, d, hardware) if device.context_bytes else 0.0)
-        stages.append(StageMemory(stage, f"{start}-{end - 1}", params, weights, params * grad_bytes,
-                                  params * optimizer_bytes, activations, lp_grads, working_set, logits, attention,
-                                  comm, comm_backward, context, fragmentation, in_flight))
+        st = StageMemory(stage, f"{start}-{end - 1}", params, weights, params * grad_bytes, params * optimizer_bytes,
+                         activations, lp_grads, working_set, logits, attention, comm, comm_backward, context,
+                         in_flight=in_flight)
+        # The caching allocator reserves peak / (1 - f) when a fraction f of what it holds is
+        # fragmented.
+        fragmentation = st.peak_allocated * device.fragmentation / (1 - device.fragmentation)
+        stages.append(dataclasses.replace(st, fragmentation=fragmentation))
     return stages
 
 
@@ -247,10 +247,10 @@ def _communication_buffers(cfg: Config, params: int, d: int, pp: int, low_precis
     """(largest buffer after the backward, buffer alive during the backward), bytes.
 
     DeepSpeed's paths (megatron/planning/hardware.py [DS]): bf16 gradients (BF16_Optimizer) are
-    all-reduced over DP through a flat fp32 buffer of up to 5e8 elements; ZeRO-1/2 (fp32, or
-    bf16 without a pipeline) stages gradients in a ``reduce_bucket_size`` bucket, allocated as
-    the backward starts without a pipeline and at the reduction with one. ZeRO's step then
-    flattens this rank's fp32 gradient partition (4 P / d)."""
+    all-reduced over DP through a flat fp32 buffer of up to 5e8 elements; fp32 ZeRO-1/2 stages
+    gradients in a ``reduce_bucket_size`` bucket allocated as the backward starts, plus a second
+    one at the reduction under a pipeline. ZeRO's step then flattens this rank's fp32 gradient
+    partition (4 P / d)."""
     zero = cfg.parallel.zero_stage
     if low_precision:  # BF16_Optimizer: the engine's buffered all-reduce, with or without a pipeline
         reduce = 4.0 * min(params, hw.PIPELINE_ALLREDUCE_ELEMENTS) if d > 1 else 0.0
