@@ -79,7 +79,7 @@ class DeviceProfile:
 # bandwidth for large all-reduces inside a DGX; the planner takes 80% of unidirectional
 # NVLink, in that range.
 _NVLINK_EFFICIENCY = 0.8
-_HBM_EFFICIENCY = 0.8  # [STREAM]
+HBM_EFFICIENCY = 0.8  # [STREAM]
 _CUDA_CONTEXT = 1.0 * GiB  # [CTX]
 _FRAGMENTATION = 0.15  # [GMLAKE], mean over eight LLM setups on A100-80GB
 

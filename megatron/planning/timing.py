@@ -75,7 +75,7 @@ def gemm_seconds(m: int, n: int, k: int, device: hw.DeviceProfile, bytes_per_ele
     time to move the operands and result through HBM if that is longer."""
     flops = 2.0 * m * n * k * batch
     compute = flops / (device.peak_flops * gemm_efficiency(m, n * batch, k, device))
-    memory = bytes_per_element * (m * k + k * n + m * n) * batch / (device.hbm_bandwidth * hw._HBM_EFFICIENCY)
+    memory = bytes_per_element * (m * k + k * n + m * n) * batch / (device.hbm_bandwidth * hw.HBM_EFFICIENCY)
     return max(compute, memory)
 
 
@@ -123,7 +123,7 @@ def iteration_time(cfg: Config, cluster: hw.Cluster, kernels: Kernels) -> Iterat
     low = tr.bf16 or tr.fp16
     act = 2 if low else 4
     n = s * b
-    hbm = dev.hbm_bandwidth * hw._HBM_EFFICIENCY
+    hbm = dev.hbm_bandwidth * hw.HBM_EFFICIENCY
     # One layer's forward on one TP rank.
     gemm_fwd = (gemm_seconds(n, 3 * h // t, h, dev, act) + gemm_seconds(n, h, h // t, dev, act)
                 + gemm_seconds(n, f // t, h, dev, act) + gemm_seconds(n, h, f // t, dev, act))
