@@ -35,13 +35,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--world-size", type=int, default=None,
                         help="number of ranks to plan for in --dry-run (default: $WORLD_SIZE or TP x PP)")
+    parser.add_argument("--gpu", default="a100-80gb",
+                        help="with --dry-run: the device profile to plan memory and time for (see tools/plan.py; "
+                             "'cpu' for this machine's live tensor bytes)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="with --dry-run: devices per node")
     parser.add_argument("--check-data", action="store_true",
                         help="with --dry-run: also check that every dataset prefix and the tokenizer exist and "
                              "agree, and fail (exit 2) listing every problem")
     return parser.parse_args(argv)
 
 
-def dry_run(cfg: Config, world_size: int) -> None:
+def dry_run(cfg: Config, world_size: int, gpu: str = "a100-80gb", gpus_per_node: int = 8) -> None:
     """Print parameter counts and the layout without allocating any tensor memory."""
     from megatron.model.bloom import build_model, count_parameters
 
@@ -57,14 +61,19 @@ def dry_run(cfg: Config, world_size: int) -> None:
     print(f"  non-embedding: {counts['non_embedding']:,}")
     print(f"layout: TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} DP{dp} "
           f"over {world_size} ranks, ZeRO stage {p.zero_stage}")
-    from megatron.training.memory import estimate_memory, format_memory_table
+    # The planner's prediction (tools/plan.py has every option): memory per GPU and throughput.
+    from megatron.planning import hardware
+    from megatron.planning.plan import format_plan, make_plan
 
+    per_node = min(gpus_per_node, world_size)
+    nodes = max(world_size // per_node, 1)
+    device = hardware.device(gpu)
+    cluster = hardware.Cluster(device, nodes, per_node, hardware.NETWORKS[hardware.DEFAULT_NETWORK[device.name]])
     t = cfg.training
     precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
-    print(f"memory per rank (micro-batch {t.micro_batch_size}, seq {m.seq_length}, "
-          f"{precision}, recompute {'on' if t.checkpoint_activations else 'off'}, "
-          f"sequence parallel {'on' if p.sequence_parallel else 'off'}; formulas in megatron/training/memory.py):")
-    print(format_memory_table(estimate_memory(cfg, world_size)))
+    print(f"plan ({precision}; formulas in megatron/training/memory.py and megatron/planning/, "
+          f"constants with sources in megatron/planning/hardware.py):")
+    print(format_plan(make_plan(cfg, cluster)))
 
 
 def check_data_before_launch(cfg: Config, asked: bool) -> int:
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         p = cfg.parallel
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or (
             p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
-        dry_run(cfg, world_size)
+        dry_run(cfg, world_size, args.gpu, args.gpus_per_node)
         return check_data_before_launch(cfg, args.check_data)
     from megatron.training.pretrain import pretrain
 

@@ -59,6 +59,8 @@ class UsageError(ProjectError, ValueError):
     """Command-line options that cannot work together or with the given files; the message says
     which option to change."""
 
+    exit_status = 2  # a bad argument, as argparse's
+
 
 class DataError(ProjectError, ValueError):
     """Training data that does not fit the run: missing or mismatched datasets or tokenizer."""

@@ -45,6 +45,8 @@ def test_176b_dry_run_cli_is_fast_and_shows_the_layout():
     assert result.returncode == 0, result.stderr
     assert "parameters: 176,247,271,424" in result.stdout
     assert "TP4 PP12 DP8 over 384 ranks" in result.stdout
+    # The planner's prediction for the layout (tools/plan.py's code): memory and throughput.
+    assert "per GPU, fits in 80 GiB" in result.stdout and "TFLOP/s per GPU hardware" in result.stdout
     assert time.perf_counter() - start < 60
 
 

@@ -20,6 +20,11 @@ if TYPE_CHECKING:  # deepspeed is imported where an engine is built, not when th
     from deepspeed.runtime.engine import DeepSpeedEngine
 
 
+# ZeRO-1/2's gradient reduction bucket (elements); also its all-gather bucket. The planner
+# (megatron/training/memory.py) counts this buffer: 2 GB in fp32.
+REDUCE_BUCKET_ELEMENTS = 500_000_000
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay for weight matrices, none for biases, LayerNorms (and 1-d params)."""
     decay, no_decay = [], []
@@ -49,8 +54,8 @@ def deepspeed_config(cfg: Config, data_parallel_size: int, global_batch_size: in
             "stage": cfg.parallel.zero_stage,
             "contiguous_gradients": True,
             "overlap_comm": on_gpu,
-            "reduce_bucket_size": 5e8,
-            "allgather_bucket_size": 5e8,
+            "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS,
+            "allgather_bucket_size": REDUCE_BUCKET_ELEMENTS,
         },
         "optimizer": {
             "type": "AdamW",

@@ -63,15 +63,21 @@ class LiveStorageBytes(TorchDispatchMode):
         """The number of the live allocation holding ``tensor`` (None if made outside the mode)."""
         return self._live.get(tensor.untyped_storage().data_ptr())
 
-    def peak(self, exclude: Iterable[Optional[int]] = ()) -> int:
-        """Highest sum of live allocations over the timeline, leaving out those in ``exclude``."""
+    def peak(self, exclude: Iterable[Optional[int]] = (), start: int = 0, end: Optional[int] = None) -> int:
+        """Highest sum of live allocations over the timeline, leaving out those in ``exclude``.
+
+        ``start``/``end`` (event numbers, e.g. ``len(tracker.events)`` taken at two moments)
+        restrict the peak to that window; allocations made before ``start`` and still live
+        count in it, so the peak of a training step includes the weights and optimizer state
+        made while building the run."""
         left_out = set(exclude)
         now = peak = 0
-        for allocation, delta in self.events:
+        for number, (allocation, delta) in enumerate(self.events[:end]):
             if allocation not in left_out:
                 now += delta
-                peak = max(peak, now)
-        return peak
+                if number >= start:
+                    peak = max(peak, now)
+        return max(peak, now) if start >= len(self.events[:end]) else peak
 
 
 def allocation_profile(fn: Callable[[], object]) -> tuple[int, int]:
