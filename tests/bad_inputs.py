@@ -51,6 +51,7 @@ class Workspace:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.readonly: Optional[Path] = None  # a directory the test mounts read-only for the run
+        self.held: list[Any] = []  # what the case holds during the run (another job's lock)
 
     def path(self, name: str) -> Path:
         """``root/name``, its parent created."""
@@ -327,6 +328,19 @@ def _readonly_run_dir(ws: Workspace) -> list[str]:
     return ws.pretrain()
 
 
+def _second_run_on_a_live_checkpoint_directory(ws: Workspace) -> list[str]:
+    from megatron.checkpoint.lock import CheckpointLock
+
+    save = ws.path("checkpoints")
+    first_job = CheckpointLock(save)
+    first_job.acquire()  # a live job holds the directory while this one starts
+    # What the first job recorded about itself, fixed so the catalogue's text does not change.
+    first_job.path.write_text(json.dumps({"host": "node-017", "pid": 4242, "started": "2026-12-01T09:00:00+0000"})
+                              + "\n")
+    ws.held.append(first_job)
+    return ws.pretrain(f"checkpoint.save={save}", "checkpoint.save_interval=1")
+
+
 def _empty_dataset(ws: Workspace, prefix: str) -> None:
     from megatron.data.indexed_dataset import IndexedDatasetBuilder
 
@@ -484,6 +498,8 @@ CASES: list[Case] = [
          _overrides("parallel.tensor_model_parallel_size=2", "model.num_attention_heads=4"), "world size"),
     Case("launch-readonly-run-dir", "launch", "run directory on a read-only mount", "pretrain_bloom",
          _readonly_run_dir, "logging.run_dir", needs_root=True),
+    Case("launch-two-runs", "launch", "two runs writing one checkpoint directory", "pretrain_bloom",
+         _second_run_on_a_live_checkpoint_directory, "is in use by another run (pid 4242 on host node-017"),
 ]
 
 
@@ -537,9 +553,6 @@ actually printed; `tests/test_bad_inputs.py` runs them all and fails when this f
 date (`BAD_INPUTS_DOC=write pytest tests/test_bad_inputs.py` rewrites it). `DIR` stands for the
 directory of the inputs, `REPO` for the repository; `[rank 0]` lines are the log's warnings
 (timestamps left out). Exit status: 2 for a config error, 1 for other errors, 0 for a counted skip.
-
-Two runs writing one checkpoint directory (refused by a lock) are not in this catalogue yet: the
-lock lands with its own tests.
 """
 
 
