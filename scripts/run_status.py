@@ -23,6 +23,7 @@ directory does not exist.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -234,7 +235,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"run_status: {args.run_dir} is not a directory: pass the run's logging.run_dir "
               "(e.g. runs/tiny)", file=sys.stderr)
         return 2
-    status = collect(args)
+    # Libraries the checks import (DeepSpeed, for the pickle scan's allow-list) log to stdout as
+    # they load; stdout is the report (often piped into jq), so their lines go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        status = collect(args)
     print(json.dumps(status, indent=1, default=str) if args.json else render(status))
     return 0
 

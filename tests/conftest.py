@@ -37,3 +37,15 @@ def corpus(tmp_path_factory):
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind():
+    """A test that runs pretrain, evaluation or a resume in this process and ends in an error
+    (on purpose) leaves torch's default process group, a world of one, behind; the next test's
+    in-process run, or ranks it forks, would join that world instead of their own."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

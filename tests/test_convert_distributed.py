@@ -159,7 +159,8 @@ def _forward_worker(rank: int, body: dict, tp2_dir: str, tp1_dir: str, tokens: t
             else:
                 hidden = torch.empty(*inputs.shape, cfg.model.hidden_size)
                 dist.recv(hidden, src=state.pp_ranks[0])
-                pipe_loss = language_model_loss(pipe(hidden), labels, tp_group=state.tp_group).item()
+                # The last stage hands its hidden state to the loss, which applies the tied LM head.
+                pipe_loss = pipe.loss_fn(pipe(hidden), labels).item()
             # TP=2 single-stage model filled from TP=1 files (merged and re-split on load).
             model = build_model(cfg.model, cfg.padded_vocab_size, tp_group=state.tp_group, seed=99).eval()
             report = load_layer_files_into(model, tp1_dir, state, layers)
