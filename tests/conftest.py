@@ -12,6 +12,22 @@ from hypothesis import HealthCheck, settings
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
+
+def fixture_maker(directory: Path):
+    """``directory/make.py`` (the script that made a committed fixture) as a module of its own
+    name: every fixture has a ``make.py``, so putting their folders on ``sys.path`` would hand
+    each test whichever ``make`` was imported first."""
+    import importlib.util
+    import sys
+
+    name = f"fixture_make_{directory.name}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, directory / "make.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
 # Property-based tests (hypothesis): "ci", the default, is derandomized (the same examples every
 # run) and small, for the main suite; "fuzz", which the slow tier's fuzz tests use, draws fresh
 # examples and many more of them. HYPOTHESIS_PROFILE=fuzz makes it the default too.

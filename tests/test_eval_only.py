@@ -5,7 +5,6 @@ iteration, trains and saves nothing, and its losses are transformers' on the sam
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from transformers import BloomForCausalLM
 
+from conftest import fixture_maker
+
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy_checkpoint"
-sys.path.insert(0, str(FIXTURE))
 
 
 @pytest.mark.slow  # a DeepSpeed engine and an export: ~20 s on two cores
 def test_eval_only_logs_transformers_losses_and_saves_nothing(tmp_path, corpus, capsys):
-    from make import body
+    body = fixture_maker(FIXTURE).body
 
     from megatron.config import config_from_dict
     from megatron.convert.to_hf import export_to_hf

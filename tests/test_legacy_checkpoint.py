@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
+from conftest import fixture_maker
+
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy_checkpoint"
-sys.path.insert(0, str(FIXTURE))
 
 
 def with_original_kernels(run: dict) -> dict:
@@ -24,7 +24,7 @@ def with_original_kernels(run: dict) -> dict:
 
 
 def test_legacy_checkpoint_resumes_bit_for_bit(tmp_path, corpus):
-    from make import body
+    body = fixture_maker(FIXTURE).body
 
     from megatron.config import config_from_dict
     from megatron.training.logging import read_metrics
@@ -41,7 +41,7 @@ def test_legacy_checkpoint_resumes_bit_for_bit(tmp_path, corpus):
 
 
 def test_legacy_layer_files_load_into_the_model(tmp_path):
-    from make import body
+    body = fixture_maker(FIXTURE).body
 
     from megatron.checkpoint.layer_files import load_layer_files_into
     from megatron.config import config_from_dict

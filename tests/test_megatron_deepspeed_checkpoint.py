@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import fixture_maker
 from launch import run_ranks
 
 FIXTURE = Path(__file__).parent / "fixtures" / "megatron_deepspeed_checkpoint"
-sys.path.insert(0, str(FIXTURE))
 SAVED, STEPS, TOLERANCE = 3, 6, 1e-5
 
 
@@ -113,7 +112,7 @@ def _run_from(rank: int, body: dict, out: str) -> dict:
 
 
 def _resume(tmp_path, corpus, layout, train_iters, precision="fp32"):
-    from make import body
+    body = fixture_maker(FIXTURE).body
 
     from megatron.training.logging import read_metrics
 
@@ -164,6 +163,7 @@ def test_continues_on_its_own_layout_like_the_uninterrupted_run(tmp_path, corpus
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # 25 s; the own-layout resumes with optimizer state are slow too
 def test_continues_on_another_layout_through_the_universal_conversion(tmp_path, corpus, capfd):
     """One process, no pipeline: converted (the optimizer state with it), then steps 4..6 within 1e-5
     of the uninterrupted run (a fresh optimizer would not be)."""

@@ -60,7 +60,7 @@ LAYOUTS = [
                              "training": {"checkpoint_activations": True}}, id="tp2-pp2-sp-recompute"),
     pytest.param((1, 1, 1), {"training": {"checkpoint_activations": True}}, id="recompute"),
     pytest.param((1, 2, 1), {"training": {"checkpoint_activations": True}}, id="pp2-recompute"),
-    pytest.param((2, 1, 2), {"parallel": {"zero_stage": 2}}, id="tp2-dp2-zero2"),
+    pytest.param((2, 1, 2), {"parallel": {"zero_stage": 2}}, id="tp2-dp2-zero2", marks=pytest.mark.slow),
     pytest.param((1, 1, 2), {"parallel": {"zero_stage": 3}}, id="dp2-zero3"),
 ]
 

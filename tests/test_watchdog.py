@@ -77,6 +77,7 @@ def torchrun(*args: str) -> list[str]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # 25 s; the two-host tier names a rank stuck in a training step
 def test_a_rank_stuck_in_data_loading_is_named_and_both_ranks_exit():
     timeout_s = 3.0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
