@@ -43,3 +43,13 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def drop_page_cache() -> bool:
+    """Write dirty pages and drop the page cache (root only), so the next reads hit the disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True

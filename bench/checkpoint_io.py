@@ -35,6 +35,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from bench_record import drop_page_cache  # noqa: E402
 
 
 def write_corpus(root: Path, vocab: int, languages=("en", "fr", "code")) -> list[dict]:
@@ -79,16 +81,6 @@ def build(cfg, parallel, info):
 
     model = build_network(cfg, parallel, info.device)
     return build_engine(cfg, model, parallel.dp_size, BatchSizeRampup.from_config(cfg.training)(0), mpu=parallel)
-
-
-def drop_page_cache() -> bool:
-    """Write dirty pages and drop the page cache (root only), so the next reads hit the disk."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
 
 
 def timed(fn):

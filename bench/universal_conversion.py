@@ -40,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+from bench_record import drop_page_cache  # noqa: E402
 
 PYTHON = sys.executable
 OVERRIDES = ["model.num_layers=6", "model.hidden_size=1536", "model.num_attention_heads=16", "model.seq_length=32",
@@ -121,15 +122,6 @@ class TreeMemory:
         self._stop.set()
         self._thread.join()
         return self.peak
-
-
-def drop_page_cache() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
 
 
 def measure(name: str, command: list[str], source_bytes: int) -> dict:

@@ -264,6 +264,13 @@ def _require_documents(job: Job, summary: Summary) -> None:
                               "record and names it)")
 
 
+def _finish_job(writer: _JobWriter, job: Job, summary: Summary, started: float) -> None:
+    """Publish a finished job's outputs (refused when every record was skipped) and time it."""
+    _require_documents(job, summary)
+    summary.outputs = writer.finalize()
+    summary.seconds = time.perf_counter() - started
+
+
 def run(
     jobs: Sequence[Job],
     tokenizer_path: str,
@@ -331,9 +338,7 @@ def run(
         for j, progress_pos, enc in _results(tagged, pool, window=2 * workers + 2):
             if j != current:
                 if writer is not None:
-                    _require_documents(jobs[current], summaries[current])
-                    summaries[current].outputs = writer.finalize()
-                    summaries[current].seconds = time.perf_counter() - t_job
+                    _finish_job(writer, jobs[current], summaries[current], t_job)
                 writer, current, t_job = _JobWriter(jobs[j], keys, dtype, fingerprints[j]), j, time.perf_counter()
                 if writer.summary is not None:
                     _restore_counts(summaries[j], writer.summary)
@@ -348,9 +353,7 @@ def run(
                 writer.commit(summaries[j])
                 last_commit = time.monotonic()
         if writer is not None:
-            _require_documents(jobs[current], summaries[current])
-            summaries[current].outputs = writer.finalize()
-            summaries[current].seconds = time.perf_counter() - t_job
+            _finish_job(writer, jobs[current], summaries[current], t_job)
             writer = None
         if pool is not None:
             pool.close()
