@@ -45,10 +45,17 @@ class _FusedCrossEntropy(torch.autograd.Function):
         rows, vocab = logits.shape
         grad = torch.empty_like(logits)
         grad_losses = grad_losses.float()
+        fp32 = logits.dtype == torch.float32
         for chunk in _row_chunks(rows, vocab):
-            probs = torch.exp(logits[chunk].float() - lse[chunk, None])
+            # fp32 logits: the chunk's gradient is built in place in ``grad`` (no temporary and
+            # no copy, which on a CPU is a pass over [rows, vocab] each); else in an fp32
+            # temporary that the last step casts into the logits' dtype.
+            probs = torch.sub(logits[chunk].float(), lse[chunk, None], out=grad[chunk] if fp32 else None).exp_()
             probs.scatter_add_(1, labels[chunk, None], torch.full_like(lse[chunk, None], -1.0))
-            grad[chunk] = probs.mul_(grad_losses[chunk, None])
+            if fp32:
+                probs.mul_(grad_losses[chunk, None])
+            else:
+                grad[chunk] = probs.mul_(grad_losses[chunk, None])
         return grad, None
 
 
