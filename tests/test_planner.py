@@ -35,14 +35,11 @@ def test_bloom_176b_memory_per_gpu_within_10_percent_of_published(bloom_plan):
     assert abs(predicted_gb - PUBLISHED_GB_PER_GPU) / PUBLISHED_GB_PER_GPU <= 0.10, predicted_gb
 
 
-@pytest.mark.xfail(strict=True, reason="the time model predicts ~86 s (-18%): its constants come from spec sheets "
-                   "and microbenchmarks and are not tuned to BLOOM; see bench/README.md, 'Planner'")
 def test_bloom_176b_seconds_per_iteration_within_10_percent_of_published(bloom_plan):
     predicted = bloom_plan["seconds_per_iteration"]
     assert abs(predicted - PUBLISHED_SECONDS_PER_ITERATION) / PUBLISHED_SECONDS_PER_ITERATION <= 0.10, predicted
 
 
-@pytest.mark.xfail(strict=True, reason="follows from the iteration time, predicted 18% short")
 def test_bloom_176b_hardware_tflops_within_10_percent_of_published(bloom_plan):
     predicted = bloom_plan["tflops_per_gpu_hardware"]
     assert abs(predicted - PUBLISHED_TFLOPS_HARDWARE) / PUBLISHED_TFLOPS_HARDWARE <= 0.10, predicted
