@@ -158,8 +158,10 @@ def iteration_time(cfg: Config, cluster: hw.Cluster, kernels: Kernels) -> Iterat
     }
     head_gemm = gemm_seconds(n, V // t, h, dev, act)
     head_passes = 4 if kernels.head == "fused_linear" else 3  # the fused head recomputes its logits
-    # The full-logits cross entropy (Megatron's vocab-parallel one, or ours over fp32 logits)
-    # passes over the fp32 [s, b, V/t] logits several times; fused kernels read them once per pass.
+    # The full-logits cross entropy (Megatron's vocab-parallel one; ours, F.cross_entropy over
+    # the logits cast to fp32, makes passes of the same kind) goes over the fp32 [s, b, V/t]
+    # logits several times [MDS22]; the fused and chunked heads keep to four fp32 passes plus the
+    # bf16 logits' write and read.
     ce_bytes = hw.CROSS_ENTROPY_BYTES_PER_LOGIT if kernels.head == "reference" else 4 * 4 + 2 * act
     head = {"gemm": head_passes * head_gemm,
             "elementwise": ce_bytes * n * (V // t) / hbm,

@@ -65,7 +65,8 @@ ATTENTION_KERNELS = ("flash", "materialized")
 
 @dataclass(frozen=True)
 class Kernels:
-    """Which attention and LM-head kernels the planned run uses (they change memory and time)."""
+    """Which attention and LM-head kernels the planned run uses (they change memory and time),
+    and, for 2022's software, what its pipeline engine sent between stages."""
 
     attention: str = "flash"  # "flash": O(s) per head kept (ours); "materialized": [a/t, s, s] scores
     head: str = "fused_linear"  # one of HEAD_KERNELS
