@@ -68,7 +68,9 @@ def dry_run(cfg: Config, world_size: int, gpu: str = "a100-80gb", gpus_per_node:
     per_node = min(gpus_per_node, world_size)
     nodes = max(world_size // per_node, 1)
     device = hardware.device(gpu)
-    cluster = hardware.Cluster(device, nodes, per_node, hardware.NETWORKS[hardware.DEFAULT_NETWORK[device.name]])
+    network = hardware.DEFAULT_NETWORK[device.name]
+    cluster = hardware.Cluster(device, nodes, per_node, hardware.NETWORKS[network],
+                               network_efficiency=hardware.NETWORK_EFFICIENCIES[network])
     t = cfg.training
     precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
     print(f"plan ({precision}; formulas in megatron/training/memory.py and megatron/planning/, "

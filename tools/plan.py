@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--network", default=None,
                         help=f"inter-node network: {', '.join(sorted(hw.NETWORKS))} (default: the GPU's usual one)")
     parser.add_argument("--inter-node-gbps", type=float, default=None,
-                        help="inter-node bandwidth per node in Gb/s, all NICs together (overrides --network)")
+                        help="inter-node wire rate per node in Gb/s, all NICs together (overrides --network; NCCL is "
+                             "taken to reach 90%% of it)")
     parser.add_argument("--intra-node-gbs", type=float, default=None,
                         help="NCCL bus bandwidth inside a node in GB/s (default: the GPU's NVLink figure)")
     parser.add_argument("--kernels", choices=sorted(KERNEL_SETS), default="auto",
@@ -75,6 +76,7 @@ def build_cluster(args: argparse.Namespace) -> hw.Cluster:
     device = hw.device(args.gpu)
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise ValueError("--nodes and --gpus-per-node must be at least 1")
+    efficiency = hw.NETWORK_EFFICIENCY
     if args.inter_node_gbps is not None:
         inter = args.inter_node_gbps * 1e9 / 8
     else:
@@ -82,11 +84,11 @@ def build_cluster(args: argparse.Namespace) -> hw.Cluster:
         if network not in hw.NETWORKS:
             raise ValueError(f"--network {network!r} is unknown: choose one of {sorted(hw.NETWORKS)} or give "
                              "--inter-node-gbps")
-        inter = hw.NETWORKS[network]
+        inter, efficiency = hw.NETWORKS[network], hw.NETWORK_EFFICIENCIES[network]
     if args.nodes > 1 and inter <= 0:
         raise ValueError(f"{args.nodes} nodes need an inter-node network: give --network or --inter-node-gbps")
     intra = args.intra_node_gbs * 1e9 if args.intra_node_gbs else None
-    return hw.Cluster(device, args.nodes, args.gpus_per_node, inter, intra)
+    return hw.Cluster(device, args.nodes, args.gpus_per_node, inter, intra, efficiency)
 
 
 def search_report(cfg, cluster: hw.Cluster, kernels: Kernels | None, headroom: float, top: int,

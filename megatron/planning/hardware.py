@@ -44,6 +44,38 @@ Sources (cited by key below):
          on A100/H100. Measure it as ``nvidia-smi`` used minus ``torch.cuda.memory_reserved()``.
 [STREAM] Achievable HBM bandwidth for large elementwise kernels: ~80% of the datasheet
          figure (BabelStream-class copy/triad results on A100 and H100 reach 80-90%).
+[JZNET]  BigScience, bigscience-workshop/bigscience, experiments/bandwidth/ (all_reduce_bench.py,
+         all_reduce_bench-a100-n4.slurm and .txt, January 2022): a 4 GB fp32 ``all_reduce`` over
+         4 Jean Zay A100-80GB nodes x 8 GPUs (32 ranks) in BLOOM's own environment
+         (start-tr11-176B-ml, NCCL 2.10.3 over the Omni-Path hfi1 NICs as "NET/IB") takes 1.529 s
+         once warm (trials 3-5), a bus bandwidth of 4e9 / 1.529 x 2 x 31/32 = 5.07 GB/s (the
+         file's "busbw: 40.5 Gbps"). Its NCCL_DEBUG lines show the ring's two channels leaving
+         every node through one NIC and entering through one other ("via NET/IB/3", "NET/IB/1"),
+         so one 100 Gb/s OPA NIC carried 5.07 GB/s: 40.5% of its 12.5 GB/s wire rate. (Earlier,
+         on two V100 nodes in 2021, experiments/README.md notes ~135 Gbps; S. Bekman's
+         "Machine Learning Engineering", network chapter, quotes that figure for Jean Zay. The
+         A100 measurement is the one of BLOOM's partition and software.)
+[DS06]   DeepSpeed v0.6.5 (May 2022, the generation BLOOM ran: BF16_Optimizer, PipelineEngine):
+         runtime/bf16_optimizer.py ``update_hp_grads``: ``hp_grad.data.add_(lp.grad.data.to(
+         hp_grad.dtype))`` after every micro-batch's backward (pipe/engine.py
+         ``_exec_backward_pass``), so a temporary fp32 copy (read 2, write 4 bytes per parameter)
+         and the accumulation (read 4 + 4, write 4): 18 bytes per parameter; the bf16 gradients
+         are set to None before each backward (``clear_lp_grads``), so nothing else is zeroed.
+         pipe/engine.py ``_exec_send_activations`` sends every tensor of a stage's output tuple
+         (the partitioned hidden state's meta and data, then the rest unpartitioned);
+         ``_exec_reduce_tied_grads`` all-reduces the tied embedding's fp32 ``_hp_grad``.
+[MDS22]  bigscience-workshop/Megatron-DeepSpeed, main as of June 2022 (BLOOM's code):
+         model/gpt_model.py ``GPTModelPipe``: the embedding stage returns (hidden, attention
+         mask) and every transformer stage passes the mask on, so the [1, 1, s, s] bool causal
+         mask travels with each micro-batch's activations; ``float16_to_fp32`` casts the bf16
+         logits to fp32 before ``CrossEntropy``. mpu/cross_entropy.py
+         ``_VocabParallelCrossEntropy`` then makes full passes over the fp32 [s, b, V/t] logits:
+         max (read), sub_ (read + write), exp (read + write), sum (read), div_ (read + write);
+         its backward mul_ (read + write), and the cast back to bf16 (read 4, write 2).
+         model/transformer.py ``ParallelAttention``: with ALiBi, ``torch.baddbmm(alibi[...],
+         q, k^T, beta=..)`` starts from the [b*np, 1, s] bias broadcast to [b*np, s, s], so
+         the scores are written once by the expand into the output and read again by the
+         GEMM's beta term, besides the GEMM's own write.
 [HERE]   Measured on this development machine (tests/test_planner_cpu_memory.py): the CPU
          profile has no CUDA context and no allocator cache, the peak is of live tensor bytes.
 """
@@ -101,6 +133,12 @@ DEVICES: dict[str, DeviceProfile] = {
 }
 
 
+# NCCL over InfiniBand reaches ~90% of the wire rate as bus bandwidth for large messages
+# (nccl-tests multi-node all-reduce results on HDR: ~22-24 GB/s per 200 Gb/s NIC) [NCCL]; the
+# default for a network given only by its rate (--inter-node-gbps).
+NETWORK_EFFICIENCY = 0.9
+
+
 @dataclass(frozen=True)
 class Cluster:
     """Nodes of identical devices and the network between them."""
@@ -108,8 +146,14 @@ class Cluster:
     device: DeviceProfile
     nodes: int
     gpus_per_node: int
-    inter_node_bandwidth: float  # bytes/s per node, all NICs together, unidirectional
+    inter_node_bandwidth: float  # bytes/s per node, all NICs together, unidirectional wire rate
     intra_node_bus_bandwidth: Optional[float] = None  # bytes/s; None: the device's NVLink figure
+    network_efficiency: float = NETWORK_EFFICIENCY  # NCCL bus bandwidth / wire rate
+
+    @property
+    def inter_node_bus_bandwidth(self) -> float:
+        """NCCL bus bandwidth a node's NICs deliver together, bytes/s."""
+        return self.inter_node_bandwidth * self.network_efficiency
 
     @property
     def world_size(self) -> int:
@@ -122,8 +166,8 @@ class Cluster:
         return self.intra_node_bus_bandwidth or self.device.intra_node_bus_bandwidth
 
 
-# Inter-node links. Jean Zay (BLOOM): 4 x Omni-Path 100 Gb/s per node [BLOOM] = 50 GB/s per
-# node. A DGX A100 / H100 SuperPOD node: 8 x InfiniBand HDR 200 Gb/s (A100) or NDR 400 Gb/s
+# Inter-node links, wire rate. Jean Zay (BLOOM): 4 x Omni-Path 100 Gb/s per node [BLOOM] = 50 GB/s
+# per node. A DGX A100 / H100 SuperPOD node: 8 x InfiniBand HDR 200 Gb/s (A100) or NDR 400 Gb/s
 # (H100) compute NICs, one per GPU (NVIDIA DGX SuperPOD reference architectures).
 NETWORKS: dict[str, float] = {
     "omnipath-4x100": 4 * 100e9 / 8,
@@ -133,12 +177,26 @@ NETWORKS: dict[str, float] = {
 }
 DEFAULT_NETWORK = {"a100-40gb": "ib-hdr-8x200", "a100-80gb": "ib-hdr-8x200", "h100": "ib-ndr-8x400",
                    "h200": "ib-ndr-8x400", "cpu": "none"}
-# NCCL over InfiniBand / Omni-Path reaches ~90% of the wire rate as bus bandwidth for large
-# messages (nccl-tests multi-node all-reduce results on HDR: ~22-24 GB/s per 200 Gb/s NIC) [NCCL].
-NETWORK_EFFICIENCY = 0.9
+# Measured where a measurement of the network exists. Jean Zay's Omni-Path under NCCL 2.10:
+# 5.07 GB/s per 12.5 GB/s NIC [JZNET].
+NETWORK_EFFICIENCIES: dict[str, float] = {
+    "omnipath-4x100": 5.07e9 / 12.5e9,
+    "ib-hdr-8x200": NETWORK_EFFICIENCY,
+    "ib-ndr-8x400": NETWORK_EFFICIENCY,
+    "none": NETWORK_EFFICIENCY,
+}
 # Latency per message for point-to-point sends between pipeline stages (NCCL over IB/OPA: a
 # few microseconds; launch + synchronisation of a blocking send/recv pair ~ 30 us).
 P2P_LATENCY_S = 30e-6
+
+# BF16_Optimizer's per-micro-batch accumulation of the bf16 gradients into its fp32 buffer, bytes
+# moved per parameter: the ``.to(float32)`` copy (2 + 4) and the ``add_`` (4 + 4 + 4) [DS06].
+BF16_GRAD_ACCUMULATION_BYTES = 18.0
+
+# The vocab-parallel cross entropy over full fp32 logits, bytes moved per logit element on one
+# TP rank [MDS22]: forward cast to fp32 2 + 4, max 4, sub_ 8, exp 8, sum 4, div_ 8; backward
+# mul_ 8 and the cast back 4 + 2.
+CROSS_ENTROPY_BYTES_PER_LOGIT = 6 + 4 + 8 + 8 + 4 + 8 + 8 + 6
 
 # GEMM output tile for the wave-quantization model [GEMM].
 GEMM_TILE = (256, 128)

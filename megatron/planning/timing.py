@@ -12,13 +12,16 @@ so the bubble is (PP - 1) / m of the compute. A stage's micro-batch time is the 
   the device's best achievable matmul fraction x the tile/wave quantisation of its output over
   the SMs, or its memory time when that is longer (small or skinny products);
 - attention: an O(s) kernel (flash-class) at its published efficiency, or, for kernels that
-  materialise the scores, batched GEMMs over [s, s] per head plus the softmax's memory traffic;
+  materialise the scores, batched GEMMs over [s, s] per head plus the softmax's memory traffic
+  and ALiBi's bias, which ``baddbmm`` expands into the scores before adding the product;
 - elementwise kernels (LayerNorms, bias-GeLU, bias-dropout-add, transposes) as HBM traffic;
 - TP all-reduces (2 in the forward, 2 in the backward, 2 more in a recompute), not overlapped
   with compute (Megatron's and our tensor parallelism);
-- pipeline sends and receives of the stage's activation and its gradient;
-- bf16 runs: BF16_Optimizer's copy of the bf16 gradients into the fp32 buffer after each
-  micro-batch (read 2 + 4 bytes, write 4 per parameter).
+- pipeline sends and receives of the stage's activation and its gradient (with 2022's
+  Megatron-DeepSpeed, the causal mask too) over the network's measured NCCL bandwidth;
+- bf16 runs: BF16_Optimizer's accumulation of the bf16 gradients into the fp32 buffer after each
+  micro-batch (a temporary fp32 copy, then the add: 18 bytes moved per parameter);
+- the last stage: the LM head's GEMMs and the cross entropy's passes over the logits.
 
 The backward costs twice the forward's GEMMs; activation recompute adds one forward.
 Every rate comes from megatron/planning/hardware.py.
@@ -101,7 +104,7 @@ def _dp_bus_bandwidth(cluster: hw.Cluster, t: int, pp: int, d: int) -> float:
     if d <= per_node:
         return cluster.intra_bandwidth
     groups_crossing = cluster.gpus_per_node // min(per_node, d)
-    return cluster.inter_node_bandwidth * hw.NETWORK_EFFICIENCY / max(groups_crossing, 1)
+    return cluster.inter_node_bus_bandwidth / max(groups_crossing, 1)
 
 
 def _p2p_bandwidth(cluster: hw.Cluster, t: int, d: int) -> float:
@@ -109,7 +112,7 @@ def _p2p_bandwidth(cluster: hw.Cluster, t: int, d: int) -> float:
     share a node, else the node's NICs shared by all its ranks sending at once."""
     if t * d < cluster.gpus_per_node:
         return cluster.intra_bandwidth
-    return cluster.inter_node_bandwidth * hw.NETWORK_EFFICIENCY / cluster.gpus_per_node
+    return cluster.inter_node_bus_bandwidth / cluster.gpus_per_node
 
 
 def iteration_time(cfg: Config, cluster: hw.Cluster, kernels: Kernels) -> IterationTime:
@@ -137,8 +140,12 @@ def iteration_time(cfg: Config, cluster: hw.Cluster, kernels: Kernels) -> Iterat
     else:
         bmm = gemm_seconds(s, s, hd, dev, act, batch=b * heads) + gemm_seconds(s, hd, s, dev, act, batch=b * heads)
         softmax = 2 * act * b * heads * s * s / hbm  # read the scores, write the probabilities
-        attn_fwd = bmm + softmax
-        attn_bwd = 2 * bmm + 2 * softmax
+        # ALiBi (BLOOM's only position encoding): baddbmm's input is the [b*np, 1, s] bias, so
+        # it is first expanded into the [b*np, s, s] output (a write) and then read back by the
+        # GEMM's beta term, on top of the GEMM's own write that ``bmm`` counts [MDS22].
+        alibi = 2 * act * b * heads * s * s / hbm
+        attn_fwd = bmm + softmax + alibi
+        attn_bwd = 2 * bmm + 2 * softmax  # the bias has no gradient
     elementwise_fwd = (hw.ELEMENTWISE_BYTES_PER_SBH + hw.ELEMENTWISE_BYTES_PER_SBH_PER_TP / t) * n * h * act / 2 / hbm
     tp_bytes = n * h * act
     tp_one = _all_reduce_seconds(tp_bytes, t, cluster.intra_bandwidth)
@@ -151,12 +158,20 @@ def iteration_time(cfg: Config, cluster: hw.Cluster, kernels: Kernels) -> Iterat
     }
     head_gemm = gemm_seconds(n, V // t, h, dev, act)
     head_passes = 4 if kernels.head == "fused_linear" else 3  # the fused head recomputes its logits
+    # The full-logits cross entropy (Megatron's vocab-parallel one; ours, F.cross_entropy over
+    # the logits cast to fp32, makes passes of the same kind) goes over the fp32 [s, b, V/t]
+    # logits several times [MDS22]; the fused and chunked heads keep to four fp32 passes plus the
+    # bf16 logits' write and read.
+    ce_bytes = hw.CROSS_ENTROPY_BYTES_PER_LOGIT if kernels.head == "reference" else 4 * 4 + 2 * act
     head = {"gemm": head_passes * head_gemm,
-            "elementwise": (4 * 4 + 2 * act) * n * (V // t) / hbm,  # softmax, loss and gradient passes (fp32)
+            "elementwise": ce_bytes * n * (V // t) / hbm,
             "tp": 2 * _all_reduce_seconds(n * 4 * 2, t, cluster.intra_bandwidth)}  # max and sum-exp per token
     p2p_bytes = n * h * act / (t if t > 1 else 1)  # DeepSpeed sends 1/t per TP rank, then all-gathers
     p2p_one = p2p_bytes / _p2p_bandwidth(cluster, t, d) + hw.P2P_LATENCY_S
     p2p_one += _all_gather_seconds(n * h * act, t, cluster.intra_bandwidth) if t > 1 else 0.0
+    # DeepSpeed sends every tensor of the output tuple: the [1, 1, s, s] bool mask goes with each
+    # activation (not with the gradient) as one more message [DS06] [MDS22].
+    mask_one = (s * s / _p2p_bandwidth(cluster, t, d) + hw.P2P_LATENCY_S) if kernels.pipeline_sends_mask else 0.0
     stage_times = []
     layers = stage_layers(cfg)
     for stage, (_, _, params, blocks) in enumerate(layers):
@@ -165,9 +180,9 @@ def iteration_time(cfg: Config, cluster: hw.Cluster, kernels: Kernels) -> Iterat
             for k, v in head.items():
                 parts[k] += v
         # Receive the input and send the output forward, the reverse backward (not the ends).
-        parts["pp"] = p2p_one * ((stage > 0) + (stage < pp - 1)) * 2
+        parts["pp"] = (2 * p2p_one + mask_one) * ((stage > 0) + (stage < pp - 1))
         if low:
-            parts["elementwise"] += params * (2 + 4 + 4) / hbm  # bf16 grads into the fp32 buffer
+            parts["elementwise"] += params * hw.BF16_GRAD_ACCUMULATION_BYTES / hbm
         stage_times.append(parts)
     slowest = max(range(pp), key=lambda i: sum(stage_times[i].values()))
     worst = stage_times[slowest]
@@ -183,8 +198,8 @@ def iteration_time(cfg: Config, cluster: hw.Cluster, kernels: Kernels) -> Iterat
         dp += _all_gather_seconds(act * params, d, dp_bw)  # the updated weights, gathered back
     if pp > 1:
         embedding = V // t * h * 4.0
-        dp += _all_reduce_seconds(embedding, 2, cluster.inter_node_bandwidth * hw.NETWORK_EFFICIENCY
-                                  / cluster.gpus_per_node if cluster.nodes > 1 else cluster.intra_bandwidth)
+        dp += _all_reduce_seconds(embedding, 2, cluster.inter_node_bus_bandwidth / cluster.gpus_per_node
+                                  if cluster.nodes > 1 else cluster.intra_bandwidth)
     shard = params / (d if p.zero_stage >= 1 else 1)
     # AdamW: read master, grad, two moments; write master, two moments (+ the bf16 copy); the
     # gradient norm reads every fp32 gradient; zeroing writes them (and the bf16 ones).

@@ -65,10 +65,14 @@ ATTENTION_KERNELS = ("flash", "materialized")
 
 @dataclass(frozen=True)
 class Kernels:
-    """Which attention and LM-head kernels the planned run uses (they change memory and time)."""
+    """Which attention and LM-head kernels the planned run uses (they change memory and time),
+    and, for 2022's software, what its pipeline engine sent between stages."""
 
     attention: str = "flash"  # "flash": O(s) per head kept (ours); "materialized": [a/t, s, s] scores
     head: str = "fused_linear"  # one of HEAD_KERNELS
+    # DeepSpeed's PipelineEngine under Megatron-DeepSpeed 2022 sent the causal mask with every
+    # micro-batch's activations (megatron/planning/hardware.py, [MDS22]); our pipeline does not.
+    pipeline_sends_mask: bool = False
 
     @classmethod
     def for_device(cls, cfg: Config, device_type: str) -> "Kernels":
@@ -82,7 +86,7 @@ class Kernels:
 
 # BLOOM-176B's own software (Megatron-DeepSpeed, 2022): fused scale-mask-softmax attention and
 # the vocab-parallel cross entropy over full logits.
-MEGATRON_DEEPSPEED_2022 = Kernels(attention="materialized", head="reference")
+MEGATRON_DEEPSPEED_2022 = Kernels(attention="materialized", head="reference", pipeline_sends_mask=True)
 
 
 @dataclass(frozen=True)
