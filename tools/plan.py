@@ -33,9 +33,9 @@ from pathlib import Path
 
 from megatron.config import ConfigError, load_config
 from megatron.planning import hardware as hw
-from megatron.training.memory import MEGATRON_DEEPSPEED_2022, Kernels
+from megatron.training.memory import MEGATRON_DEEPSPEED_2022, MEGATRON_LM_GPT, Kernels
 
-KERNEL_SETS = {"auto": None, "megatron-deepspeed": MEGATRON_DEEPSPEED_2022}
+KERNEL_SETS = {"auto": None, "megatron-deepspeed": MEGATRON_DEEPSPEED_2022, "megatron-lm": MEGATRON_LM_GPT}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kernels", choices=sorted(KERNEL_SETS), default="auto",
                         help="attention/LM-head kernels: ours as megatron/model/kernels picks them on the device "
                              "(auto), or Megatron-DeepSpeed's 2022 ones (materialised attention scores and full "
-                             "logits), which BLOOM-176B ran")
+                             "logits), which BLOOM-176B ran, or Megatron-LM's for its GPT runs (the same, without "
+                             "ALiBi and without the mask sent between stages)")
     parser.add_argument("--tokens", type=float, default=None, help="also print days to train this many tokens")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the plan as JSON ('-' for stdout)")
     parser.add_argument("--search", action="store_true", help="rank the layouts that fit, fastest first")

@@ -143,7 +143,7 @@ def iteration_time(cfg: Config, cluster: hw.Cluster, kernels: Kernels) -> Iterat
         # ALiBi (BLOOM's only position encoding): baddbmm's input is the [b*np, 1, s] bias, so
         # it is first expanded into the [b*np, s, s] output (a write) and then read back by the
         # GEMM's beta term, on top of the GEMM's own write that ``bmm`` counts [MDS22].
-        alibi = 2 * act * b * heads * s * s / hbm
+        alibi = 2 * act * b * heads * s * s / hbm if kernels.alibi else 0.0
         attn_fwd = bmm + softmax + alibi
         attn_bwd = 2 * bmm + 2 * softmax  # the bias has no gradient
     elementwise_fwd = (hw.ELEMENTWISE_BYTES_PER_SBH + hw.ELEMENTWISE_BYTES_PER_SBH_PER_TP / t) * n * h * act / 2 / hbm
@@ -181,8 +181,12 @@ def iteration_time(cfg: Config, cluster: hw.Cluster, kernels: Kernels) -> Iterat
                 parts[k] += v
         # Receive the input and send the output forward, the reverse backward (not the ends).
         parts["pp"] = (2 * p2p_one + mask_one) * ((stage > 0) + (stage < pp - 1))
+        # The gradients' accumulation after every micro-batch: BF16_Optimizer's fp32 one [DS06],
+        # unless the kernel set says otherwise (Megatron-LM's fp16 main_grad).
         if low:
-            parts["elementwise"] += params * hw.BF16_GRAD_ACCUMULATION_BYTES / hbm
+            accumulation = kernels.grad_accumulation_bytes
+            parts["elementwise"] += params * (hw.BF16_GRAD_ACCUMULATION_BYTES if accumulation is None
+                                              else accumulation) / hbm
         stage_times.append(parts)
     slowest = max(range(pp), key=lambda i: sum(stage_times[i].values()))
     worst = stage_times[slowest]

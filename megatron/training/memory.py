@@ -73,6 +73,12 @@ class Kernels:
     # DeepSpeed's PipelineEngine under Megatron-DeepSpeed 2022 sent the causal mask with every
     # micro-batch's activations (megatron/planning/hardware.py, [MDS22]); our pipeline does not.
     pipeline_sends_mask: bool = False
+    # ALiBi's bias enters the materialised scores (BLOOM); False for a model with learned or
+    # rotary positions, such as GPT-3 under Megatron-LM (the planner's out-of-sample check).
+    alibi: bool = True
+    # Bytes per parameter moved after each micro-batch to accumulate its gradients in low
+    # precision runs; None: BF16_Optimizer's (megatron/planning/hardware.py).
+    grad_accumulation_bytes: Optional[float] = None
 
     @classmethod
     def for_device(cls, cfg: Config, device_type: str) -> "Kernels":
@@ -87,6 +93,13 @@ class Kernels:
 # BLOOM-176B's own software (Megatron-DeepSpeed, 2022): fused scale-mask-softmax attention and
 # the vocab-parallel cross entropy over full logits.
 MEGATRON_DEEPSPEED_2022 = Kernels(attention="materialized", head="reference", pipeline_sends_mask=True)
+# Megatron-LM's own GPT runs (2021-2022): the same fused softmax and vocab-parallel cross
+# entropy, learned positions (no ALiBi), and its own pipeline schedule (no mask sent along).
+# Its fp16 gradients are added into an fp16 ``main_grad`` by a hook after each backward
+# (read 2 + 2, write 2 bytes per parameter: ``param.main_grad.add_(param.grad.data)`` in
+# NVIDIA/Megatron-LM 2021, megatron/model/distributed.py, ``_make_param_hook``, with
+# --accumulate-allreduce-grads-in-fp32 off: examples/pretrain_gpt3_175B.sh does not set it).
+MEGATRON_LM_GPT = Kernels(attention="materialized", head="reference", alibi=False, grad_accumulation_bytes=6)
 
 
 @dataclass(frozen=True)
