@@ -22,6 +22,10 @@ of the same shapes, strides and dtype (best of several), and the limit is the su
 step's products of their times. That is the step's matmul FLOPs divided by the throughput this
 machine reaches on exactly those shapes, measured in the same run as the steps.
 
+Where ours' time beyond the limit goes: one more step of ours runs under the profiler, its time
+split into matrix products (and their in-step GFLOP/s against the limit's), the CPU attention
+kernels, and everything else.
+
 Precision: ``auto`` is the machine's native one (bf16 autocast where the CPU computes bf16 in
 hardware, fp32 where bf16 would be emulated), decided by megatron/training/precision.py as a
 training run decides it. Models alternate step by step (A B C A B C ...) so machine noise hits
@@ -119,6 +123,28 @@ def matmul_limit(calls: Counter, repeats: int) -> dict:
     seconds = sum(time_call(call, repeats) * n for call, n in calls.items())
     return {"matmul_gflop": flops / 1e9, "limit_seconds": seconds, "gflops_per_second": flops / seconds / 1e9,
             "distinct_shapes": len(calls), "products": sum(calls.values())}
+
+
+def step_time_split(step: Callable[[torch.Tensor], float], batch: torch.Tensor) -> dict:
+    """One profiled step, its CPU time split into matrix products, attention kernels and the rest
+    (elementwise, copies, optimizer, Python): where a step's time beyond the limit goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+              "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                            "aten::_scaled_dot_product_flash_attention_for_cpu_backward")}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step(batch)
+        wall = time.perf_counter() - start
+    split = {name: 0.0 for name in groups}
+    for event in prof.key_averages():
+        for name, ops in groups.items():
+            if event.key in ops:
+                split[name] += event.self_cpu_time_total / 1e6
+    split["other"] = wall - sum(split.values())
+    split["wall"] = wall
+    return split
 
 
 # --- the steps ------------------------------------------------------------------------------
@@ -258,6 +284,10 @@ def main(argv=None) -> int:
               f"{seconds['transformers'] / seconds[name]:15.2f}x")
     print(f"first-step losses: ours {losses['ours'][0]:.6f}, transformers {losses['transformers'][0]:.6f}")
     print(f"(ours dispatches {ours_gflop:.0f} GFLOP of plain matmuls; its attention runs inside SDPA)")
+    split = step_time_split(steps["ours"], batches[-1])
+    print(f"ours, one profiled step: {split['wall']:.2f} s = matmuls {split['matmul']:.2f} s "
+          f"({ours_gflop / split['matmul']:.0f} GFLOP/s against {limit['gflops_per_second']:.0f} alone) + "
+          f"attention kernels {split['attention']:.2f} s + everything else {split['other']:.2f} s")
 
     suffix = "" if precision.name == "fp32" else f"_{precision.name}"
     output = args.output or ROOT / f"bench/results/train_step_vs_transformers{suffix}.json"
@@ -269,6 +299,7 @@ def main(argv=None) -> int:
                                                                                "precision_reason": precision.reason},
         "matmul_limit": limit,
         "ours_dispatched_matmul_gflop": ours_gflop,
+        "ours_profiled_step_seconds": split,
         "seconds_per_step": seconds,
         "x_limit": {name: s / limit["limit_seconds"] for name, s in seconds.items()},
         "speedup_over_transformers": {name: seconds["transformers"] / s for name, s in seconds.items()},
