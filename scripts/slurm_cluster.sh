@@ -67,9 +67,9 @@ label() { if [[ "$2" == - ]]; then echo "$1"; else echo "$1 of $2"; fi; }  # lab
 node_names() { [[ -s "$NODES_FILE" ]] && awk '{print $1}' "$NODES_FILE"; return 0; }
 hosts_id() { [[ -s "$HOSTS_FILE" ]] && cat "$HOSTS_FILE"; return 0; }
 
-# Run a command where slurmctld listens: on this machine, or on the first node's namespace,
-# which is the only place both nodes and the clients can reach (the pair's veth joins only the
-# two namespaces).
+# Run a client command where slurmctld can be reached: on this machine, or, for two nodes, on
+# the first node, since slurmctld listens on its address and the pair's veth joins only the two
+# namespaces.
 client() {
     local id
     id="$(hosts_id)"
@@ -133,7 +133,7 @@ AuthType=auth/munge
 CredType=cred/munge
 # cred_expire is also how long a requeued job waits before it may start again (120 s by
 # default): short here, so that the test of a job requeued after a failure stays short.
-AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=${BLOOM_SLURM_CRED_EXPIRE:-10}
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
