@@ -103,18 +103,23 @@ job_minutes_left() {
 # before, since requeueing cannot fix them. A clean stop (time limit, SIGUSR1, kill switch)
 # exits 0; scancel ends this shell before it gets here.
 requeue_after_failure() {
-    local status="$1" max="${BLOOM_MAX_REQUEUES:-3}" count="${SLURM_RESTART_COUNT:-0}"
+    local status="$1" max="${BLOOM_MAX_REQUEUES:-3}" count="${SLURM_RESTART_COUNT:-0}" job="$SLURM_JOB_ID"
+    # An array task by its array and task ids: the array's last task has the array's own job id,
+    # and `scontrol requeue <array id>` would requeue every task of the array, finished ones too.
+    if [[ -n "${SLURM_ARRAY_JOB_ID:-}" && -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+        job="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    fi
     [[ "$max" =~ ^[0-9]+$ ]] || { echo "BLOOM_MAX_REQUEUES must be a whole number, got '$max'" >&2; return "$status"; }
     if (( count >= max )); then
-        echo "[bloom] training failed with exit status $status after $count requeue(s) of job $SLURM_JOB_ID" \
+        echo "[bloom] training failed with exit status $status after $count requeue(s) of job $job" \
              "(BLOOM_MAX_REQUEUES=$max): not requeueing; see $BLOOM_JOB_LOG_DIR/error-node*.json for the" \
              "failing rank, fix the cause and resubmit" >&2
         return "$status"
     fi
-    echo "[bloom] training failed with exit status $status: requeueing job $SLURM_JOB_ID" \
+    echo "[bloom] training failed with exit status $status: requeueing job $job" \
          "($(( count + 1 )) of at most $max) to resume from the last complete checkpoint" >&2
-    if ! scontrol requeue "$SLURM_JOB_ID"; then
-        echo "[bloom] scontrol requeue $SLURM_JOB_ID failed (is the job requeueable? JobRequeue=0 in" \
+    if ! scontrol requeue "$job"; then
+        echo "[bloom] scontrol requeue $job failed (is the job requeueable? JobRequeue=0 in" \
              "slurm.conf needs sbatch --requeue): resubmit it by hand" >&2
         return "$status"
     fi

@@ -171,7 +171,7 @@ def test_chain_stops_on_usr1_resumes_and_requeues_a_job_that_lost_a_rank(cluster
     assert (second["JobState"], second["ExitCode"], second["Restarts"]) == ("COMPLETED", "0:0", "1"), \
         second_log[-3000:]
     assert second["StartTime"] >= first["EndTime"]
-    assert f"requeueing job {second_job_id} (1 of at most 3)" in second_log, second_log[-3000:]
+    assert f"requeueing job {array_id}_2 (1 of at most 3)" in second_log, second_log[-3000:]
     resumed = [int(m.group(1)) if m.group(1) else 0 for m in RESUMED.finditer(second_log)]
     assert resumed == [stopped_at, saved], second_log[-3000:]
     assert progress - saved <= SAVE_INTERVAL
