@@ -144,8 +144,9 @@ def test_chain_stops_on_usr1_resumes_and_requeues_a_job_that_lost_a_rank(cluster
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
     # The killed run is over once the job is requeued (its batch script does that after srun returns).
-    wait_until(lambda: int(job_records(env, second_job_id)[0]["Restarts"]) >= 1, 120,
-               f"job {second_job_id} to requeue itself after its rank 1 was killed")
+    # (By its task id: the array's last task has the array's own job id, which names every task.)
+    wait_until(lambda: int(job_records(env, f"{array_id}_2")[0]["Restarts"]) >= 1, 120,
+               f"job {array_id}_2 to requeue itself after its rank 1 was killed")
     progress = max(train_losses(run_dir))  # the last step the killed run logged
 
     wait_until(lambda: not slurm(env, "squeue", "-h", "-r", f"--jobs={array_id}").strip(), CHAIN_TIMEOUT_S,
@@ -163,7 +164,9 @@ def test_chain_stops_on_usr1_resumes_and_requeues_a_job_that_lost_a_rank(cluster
     assert stop, f"the first job did not stop on SIGUSR1 (did it arrive after the last step?):\n{first_log[-3000:]}"
     stopped_at = int(stop.group(1))
     assert 3 <= stopped_at < saved < progress < STEPS
-    assert "training.exit_duration_in_mins=9" in first_log  # --time=10 minus cpu-tiny's 1-minute margin
+    # The time left (--time=10, in whole minutes: 9 once a second has passed) minus cpu-tiny's 1-minute margin.
+    left = int(re.search(r"(\d+) minute\(s\) left", first_log).group(1))
+    assert left in (9, 10) and f"training.exit_duration_in_mins={left - 1}" in first_log
     # Job 2 started after job 1 ended (%1) and resumed from its checkpoint; it lost rank 1,
     # requeued itself once (its log, appended to, holds both runs) and the second run resumed
     # from the newest complete checkpoint, losing at most SAVE_INTERVAL steps, and finished.
