@@ -30,7 +30,7 @@ set -euo pipefail
 PACKAGES=(slurmctld slurmd slurm-client munge)
 DAEMONS=(slurmd slurmctld munged)  # stop order: compute daemon, controller, then authentication
 
-usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }
 die() { echo "slurm_cluster: $*" >&2; exit 1; }
 cannot() { echo "slurm_cluster: cannot run here: $*" >&2; exit 3; }
 
