@@ -1,5 +1,5 @@
 # Convenience targets; each calls the same scripts the README and CI use.
-.PHONY: setup test test-slow test-slurm test-hosts test-faults test-faults-ci test-flax demo lock
+.PHONY: setup test test-slow test-slurm test-slurm-nodes test-hosts test-faults test-faults-ci test-flax demo lock
 
 setup:
 	bash scripts/setup.sh
@@ -10,9 +10,14 @@ test:
 test-slow:
 	bash scripts/setup.sh && . scripts/env.sh && .venv/bin/python -m pytest -m slow
 
-# Installs (apt-get) and starts a single-node SLURM cluster, runs slurm/cpu-tiny.slurm as a job chain, stops it.
+# Installs (apt-get) and starts a single-node SLURM cluster, runs slurm/cpu-tiny.slurm as a job chain (one job
+# loses a rank and requeues itself), stops it.
 test-slurm:
 	bash scripts/setup.sh && . scripts/env.sh && .venv/bin/python -m pytest -m slurm tests/test_slurm.py
+
+# Two SLURM nodes as network namespaces (root): slurm/cpu-tiny.slurm with --nodes=2, one rank per node.
+test-slurm-nodes:
+	bash scripts/setup.sh && . scripts/env.sh && .venv/bin/python -m pytest -m slurm tests/test_slurm_two_nodes.py
 
 # Two hosts as network namespaces (root): torchrun across them, a stuck rank named, a resume on one host.
 test-hosts:

@@ -5,6 +5,10 @@
 #
 #   scripts/netns_cluster.sh start ID            create hosts ID-a (10.0.0.1) and ID-b (10.0.0.2)
 #   scripts/netns_cluster.sh exec ID a|b CMD...  run CMD on that host (its namespace and hostname)
+#   scripts/netns_cluster.sh daemon ID a|b CMD...
+#                                                the same, but with this machine's /sys, for daemons
+#                                                that need its cgroup file systems (slurmd): `exec`
+#                                                mounts a fresh /sys, which hides them
 #   scripts/netns_cluster.sh stop ID             SIGKILL every process on both hosts, delete them
 #   scripts/netns_cluster.sh fail ID a|b         SIGKILL every process on one host, as a node that
 #                                                fails; its network stays (the other host's address
@@ -28,7 +32,7 @@ ADDR_A=10.0.0.1
 ADDR_B=10.0.0.2
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-usage() { sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "netns_cluster: $*" >&2; exit 1; }
 cannot() { echo "netns_cluster: cannot run here: $*" >&2; exit 3; }
 
@@ -87,6 +91,19 @@ exec_on() {
     shift 2
     exec ip netns exec "$(namespace "$id" "$host")" unshare --uts \
         sh -c 'hostname "$0" && exec "$@"' "$id-$host" "$@"
+}
+
+# The same without `ip netns exec`, which mounts a fresh sysfs on /sys and with it hides
+# /sys/fs/cgroup (slurmd refuses to start without it): enter the network namespace only, and
+# give the command a mount namespace of its own in which the host's hosts file covers /etc/hosts,
+# as `ip netns exec` does.
+daemon_on() {
+    local id="$1" host="$2" ns
+    shift 2
+    ns="$(namespace "$id" "$host")"
+    exec nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private \
+        sh -c 'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"' \
+        "$id-$host" "/etc/netns/$ns/hosts" "$@"
 }
 
 # SIGKILL every process in namespace NS; 1 if some survive. SIGKILL: a rank blocked in a
@@ -155,6 +172,10 @@ case "$cmd" in
         check_id "${2:?exec needs an ID}"; check_host "${3:?exec needs a host: a or b}"
         [[ $# -ge 4 ]] || die "exec needs a command"
         exec_on "${@:2}" ;;
+    daemon)
+        check_id "${2:?daemon needs an ID}"; check_host "${3:?daemon needs a host: a or b}"
+        [[ $# -ge 4 ]] || die "daemon needs a command"
+        daemon_on "${@:2}" ;;
     run)
         check_id "${2:?run needs an ID}"
         [[ "${3:-}" =~ ^[0-9]+$ ]] || die "run needs a port for the rendezvous, got '${3:-}'"

@@ -18,9 +18,17 @@
 # starts PROCS_PER_NODE ranks on its node. The run resumes from `latest` in checkpoint.load when
 # there is one, so every job of a chain continues where the previous one stopped.
 #
+# When training fails after it started (a rank died, a node's torchrun exited with an error),
+# the job requeues itself (`scontrol requeue`): it keeps its job id and its place in a chain,
+# gets a fresh allocation after SLURM's requeue delay, and resumes from the newest complete
+# checkpoint; a failure that repeats stops after BLOOM_MAX_REQUEUES requeues (see
+# requeue_after_failure). The scripts also ask for `--requeue`, so that SLURM itself requeues a
+# job whose node fails under it (the batch script cannot act then).
+#
 # Environment knobs: DRY_RUN=1 prints the resolved launch command (after the config check)
 # instead of running it, also outside SLURM; BLOOM_PYTHON picks the interpreter (default
 # .venv/bin/python); BLOOM_LOG_DIR is where per-job log directories go (default logs/);
+# BLOOM_MAX_REQUEUES caps the requeues after failures of one job (default 3; 0: never);
 # BLOOM_ROOT tells the per-size scripts where the repository is when sbatch was not called from
 # its root (sbatch runs a copy of the script, so the script's own path does not tell).
 #
@@ -79,6 +87,44 @@ job_minutes_left() {
         left="$(sbatch_header_value "$script" time)"
     fi
     slurm_duration_minutes "$left"
+}
+
+# After the training step failed with STATUS: requeue this job so that it starts again and
+# resumes from the last complete checkpoint, unless it was requeued BLOOM_MAX_REQUEUES times
+# already (SLURM counts them in SLURM_RESTART_COUNT), in which case the job fails with STATUS.
+#
+# Why the job and not torchrun --max-restarts: on a GPU cluster a rank that dies is most often
+# a bad GPU or node, and torchrun would restart it on the same one; a requeued job gets a new
+# allocation, where nodes drained meanwhile are not used, and a chain keeps its length (a chain
+# that moved on to its next job instead would lose one job's worth of training per failure,
+# and a failure in its last job would end the run). Why a cap: a failure that repeats (a bug, a
+# corrupt shard) must not loop for the whole time budget.
+# Only failures after the config check get here: a bad config or missing data fail the job
+# before, since requeueing cannot fix them. A clean stop (time limit, SIGUSR1, kill switch)
+# exits 0; scancel ends this shell before it gets here.
+requeue_after_failure() {
+    local status="$1" max="${BLOOM_MAX_REQUEUES:-3}" count="${SLURM_RESTART_COUNT:-0}" job="$SLURM_JOB_ID"
+    # An array task by its array and task ids: the array's last task has the array's own job id,
+    # and `scontrol requeue <array id>` would requeue every task of the array, finished ones too.
+    if [[ -n "${SLURM_ARRAY_JOB_ID:-}" && -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+        job="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    fi
+    [[ "$max" =~ ^[0-9]+$ ]] || { echo "BLOOM_MAX_REQUEUES must be a whole number, got '$max'" >&2; return "$status"; }
+    if (( count >= max )); then
+        echo "[bloom] training failed with exit status $status after $count requeue(s) of job $job" \
+             "(BLOOM_MAX_REQUEUES=$max): not requeueing; see $BLOOM_JOB_LOG_DIR/error-node*.json for the" \
+             "failing rank, fix the cause and resubmit" >&2
+        return "$status"
+    fi
+    echo "[bloom] training failed with exit status $status: requeueing job $job" \
+         "($(( count + 1 )) of at most $max) to resume from the last complete checkpoint" >&2
+    if ! scontrol requeue "$job"; then
+        echo "[bloom] scontrol requeue $job failed (is the job requeueable? JobRequeue=0 in" \
+             "slurm.conf needs sbatch --requeue): resubmit it by hand" >&2
+        return "$status"
+    fi
+    # SLURM now ends this run of the job and queues the next; the exit status is not recorded.
+    return 0
 }
 
 bloom_launch() {
@@ -174,5 +220,7 @@ bloom_launch() {
         return 0
     fi
     echo "[bloom] $(printf '%q ' "${cmd[@]}")"
-    "${cmd[@]}"
+    local status=0
+    "${cmd[@]}" || status=$?
+    (( status == 0 )) || requeue_after_failure "$status"
 }

@@ -11,130 +11,70 @@ What it checks, on the tiny config (two gloo ranks in one torchrun, a few dozen 
 2. the same run submitted as ``scripts/submit_chain.sh 2 slurm/cpu-tiny.slurm`` (an array
    with ``%1``): once the first job trains, its time limit is cut so that SLURM's own
    ``--signal=USR1@120`` fires (the real path, not ``scancel --signal``); the ranks save at the
-   next step boundary and exit 0 before the limit; the second job resumes from ``latest`` and
-   finishes; every logged step's loss equals the reference exactly;
+   next step boundary and exit 0 before the limit; the second job resumes from ``latest``;
+   once it has saved a checkpoint of its own, one of its ranks is killed with SIGKILL: the job
+   requeues itself, starts again (same job id) and resumes from the newest complete checkpoint,
+   losing at most ``checkpoint.save_interval`` steps, and finishes; every loss logged, by every
+   run, equals the reference's for its step exactly;
 3. a ``--dependency=afterany`` chain runs its jobs one after the other.
+
+Two nodes (network namespaces) are tests/test_slurm_two_nodes.py, ``make test-slurm-nodes``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
-import shutil
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+from faults.run_trials import RESUMED
 from launch import run_command
-from megatron.training.logging import read_metrics
+from slurm_testbed import (
+    job_ranks,
+    job_records,
+    latest_step,
+    seconds,
+    slurm,
+    start_cluster,
+    tiny_overrides,
+    train_losses,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slurm
 
 # ~0.85 s each on two AVX2 cores in fp32 (two ranks of 4 x 256 tokens): after the time limit is
 # cut at step 3 the signal needs up to ~30 s (slurmctld's time-limit pass runs every 30 s), so
-# the first job is still training when it lands.
-STEPS = 80
+# the first job is still training when it lands, and the second job has at least ~20 steps left
+# in which to save (every SAVE_INTERVAL steps) and lose a rank.
+STEPS = 60
+SAVE_INTERVAL = 5
 SIGNAL_LEAD_S = 120  # --signal=USR1@120 for the chain (the script's own header says @60)
 START_TIMEOUT_S = 240
 CHAIN_TIMEOUT_S = 420
 
 
-# -- the cluster -------------------------------------------------------------------------------
+# -- the cluster and the run ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def cluster(request, tmp_path_factory):
-    """Start the local cluster; yield the environment its clients need; stop it whatever happens."""
-    if "slurm" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("the SLURM tier installs and starts SLURM daemons: run it with `make test-slurm` "
-                    "(pytest -m slurm)")
-    # Not under pytest's private (0700) tmp root: munged runs as the munge user and must reach it.
-    state = Path(tempfile.mkdtemp(prefix="bloom-slurm-"))
-    state.chmod(0o755)
-    script = REPO / "scripts" / "slurm_cluster.sh"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    env.update(SLURM_CONF=str(state / "slurm.conf"), OMP_NUM_THREADS="1")
-    started = subprocess.run(["bash", str(script), "start", str(state)], capture_output=True, text=True,
-                             timeout=600, env=env)
-    try:
-        if started.returncode == 3:
-            # CI runs this tier to prove the SLURM path: a skip there would hide that it was not.
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"CI=true and no SLURM cluster could be started: {started.stderr.strip()}")
-            pytest.skip(f"no SLURM cluster on this machine: {started.stderr.strip()}")
-        assert started.returncode == 0, f"could not start SLURM:\n{started.stdout}\n{started.stderr}"
-        yield env
-    finally:
-        stopped = subprocess.run(["bash", str(script), "stop", str(state)], capture_output=True, text=True,
-                                 timeout=120, env=env)
-        print(stopped.stdout, stopped.stderr, file=sys.stderr)
-        if stopped.returncode == 0:
-            shutil.rmtree(state, ignore_errors=True)
-
-
-def slurm(env: dict[str, str], *args: str) -> str:
-    """Run a SLURM client command against the test cluster; return its stdout."""
-    result = subprocess.run(list(args), capture_output=True, text=True, timeout=60, env=env)
-    assert result.returncode == 0, f"{' '.join(args)} failed: {result.stderr}"
-    return result.stdout
-
-
-def job_records(env: dict[str, str], job_id: str) -> list[dict[str, str]]:
-    """``scontrol -o show job`` as dicts, one per job (per task for an array)."""
-    records = []
-    for line in slurm(env, "scontrol", "-o", "show", "job", job_id).splitlines():
-        records.append(dict(re.findall(r"(\w+)=(\S*)", line)))
-    return sorted(records, key=lambda r: int(r.get("ArrayTaskId") or 0))
-
-
-def wait_until(condition, timeout: float, what: str, period: float = 1.0):
-    """Poll ``condition()`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(period)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def seconds(duration: str) -> int:
-    """``[D-]H:MM:SS`` / ``M:SS`` (squeue's %M) in seconds."""
-    days, _, rest = duration.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    h, m, s = parts
-    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
-
-
-# -- the run -----------------------------------------------------------------------------------
+def cluster(request):
+    """The single-node cluster; yields the environment its clients need; stops it whatever happens."""
+    yield from start_cluster(request, "make test-slurm")
 
 
 def overrides(root: Path, corpus) -> list[str]:
-    """The tiny config on the synthetic corpus, a fixed number of steps, everything under ``root``."""
-    datasets = ", ".join(f"{{name: {d['name']}, prefix: {d['prefix']}}}" for d in corpus)
-    sets = [
-        f"data.datasets=[{datasets}]", "data.datasets_file=null", "data.tokenizer=null", "training.train_samples=null",
-        # fp32 whatever the CPU: the test compares losses bit for bit, an fp32 invariant. Steps
-        # of a fixed size, whatever the demo's schedule: the signal's timing depends on them.
-        f"training.train_iters={STEPS}", "training.bf16=false", "training.micro_batch_size=4",
-        "training.global_batch_size=8", "model.seq_length=256", "logging.log_interval=1", "logging.eval_interval=0",
-        "logging.sample_prompts=[]", f"logging.run_dir={root / 'run'}", "logging.tensorboard_dir=null",
-        f"checkpoint.save={root / 'checkpoints'}", f"checkpoint.load={root / 'checkpoints'}",
-        "checkpoint.save_interval=null", f"training.kill_switch_path={root / 'kill-switch'}",
-    ]
-    return [arg for item in sets for arg in ("--set", item)]
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["lm loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+    """The run of this module (STEPS steps, a save every SAVE_INTERVAL), everything under ``root``."""
+    return tiny_overrides(root, corpus, STEPS, SAVE_INTERVAL)
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +91,11 @@ def reference(cluster, corpus, tmp_path_factory):
     return losses
 
 
-def test_chain_stops_on_usr1_before_the_limit_and_resumes_exactly(cluster, corpus, reference, tmp_path):
+def test_chain_stops_on_usr1_resumes_and_requeues_a_job_that_lost_a_rank(cluster, corpus, reference, tmp_path):
     env = dict(cluster, BLOOM_LOG_DIR=str(tmp_path / "logs"))
     logs = tmp_path / "slurm-logs"
     logs.mkdir()
+    checkpoints, run_dir = tmp_path / "checkpoints", tmp_path / "run"
     submitted = subprocess.run(
         ["bash", "scripts/submit_chain.sh", "2", "slurm/cpu-tiny.slurm", "--time=10",
          f"--signal=USR1@{SIGNAL_LEAD_S}", f"--output={logs}/%x-%j.out", "--", *overrides(tmp_path, corpus)],
@@ -162,20 +103,19 @@ def test_chain_stops_on_usr1_before_the_limit_and_resumes_exactly(cluster, corpu
     assert submitted.returncode == 0, submitted.stderr
     array_id = submitted.stdout.split()[0]
 
-    def first_task():
+    def task(index: int):
+        """(task id, job id, state, elapsed) of a task still in the queue, else None."""
         rows = [line.split("|") for line in slurm(env, "squeue", "-h", "-r", f"--jobs={array_id}",
                                                     "-o", "%i|%A|%T|%M").splitlines()]
-        return next((row for row in rows if row[0] == f"{array_id}_1"), None)
+        return next((row for row in rows if row[0] == f"{array_id}_{index}"), None)
 
     def first_task_training():
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        task = first_task()
-        if task is None:
+        row = task(1)
+        if row is None:
             raise AssertionError(f"job {array_id}_1 ended before it was signalled: {job_records(env, array_id)}")
-        return task if metrics.is_file() and len(train_losses(tmp_path / "run")) >= 3 else None
+        return row if (run_dir / "metrics.jsonl").is_file() and len(train_losses(run_dir)) >= 3 else None
 
-    task = wait_until(first_task_training, START_TIMEOUT_S, f"job {array_id}_1 to train a few steps")
-    first_job_id = task[1]
+    first_job_id = wait_until(first_task_training, START_TIMEOUT_S, f"job {array_id}_1 to train a few steps")[1]
     # Cut the time limit to 75-135 s from now (SLURM counts limits in whole minutes). slurmctld
     # sends --signal's USR1 at its first time-limit pass (every 30 s) that finds the job within
     # SIGNAL_LEAD_S (+ up to one pass) of its limit: that is the next pass, and the save has a
@@ -184,35 +124,73 @@ def test_chain_stops_on_usr1_before_the_limit_and_resumes_exactly(cluster, corpu
     limit_minutes = math.ceil((elapsed + 75) / 60)
     slurm(env, "scontrol", "update", f"JobId={first_job_id}", f"TimeLimit={limit_minutes}")
 
+    # The second job, the chain's last: once it has saved a checkpoint of its own and trained a
+    # step past it, rank 1 is killed. Were the job not requeued, the run would end there.
+    def second_task_past_its_first_save():
+        row = task(2)
+        if row is None or row[2] != "RUNNING":
+            return None
+        first_log = (logs / f"cpu-tiny-{first_job_id}.out").read_bytes().decode(errors="replace")
+        stop = re.search(r"stopping at iteration (\d+)/\d+: received SIGUSR1", first_log)
+        assert stop, f"the first job ended without stopping on SIGUSR1:\n{first_log[-3000:]}"
+        saved = latest_step(checkpoints)
+        if saved <= int(stop.group(1)) or max(train_losses(run_dir)) <= saved:
+            return None
+        ranks = job_ranks(env, row[1])
+        return (row[1], saved, ranks[1]) if sorted(ranks) == [0, 1] else None
+
+    second_job_id, saved, victim = wait_until(second_task_past_its_first_save, CHAIN_TIMEOUT_S,
+                                              f"job {array_id}_2 to save a checkpoint and train on", period=0.5)
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    # The killed run is over once the job is requeued (its batch script does that after srun returns).
+    # (By its task id: the array's last task has the array's own job id, which names every task.)
+    wait_until(lambda: int(job_records(env, f"{array_id}_2")[0]["Restarts"]) >= 1, 120,
+               f"job {array_id}_2 to requeue itself after its rank 1 was killed")
+    progress = max(train_losses(run_dir))  # the last step the killed run logged
+
     wait_until(lambda: not slurm(env, "squeue", "-h", "-r", f"--jobs={array_id}").strip(), CHAIN_TIMEOUT_S,
                f"the chain {array_id} to finish")
+    print(f"job {second_job_id}: rank 1 killed after step {progress}; the requeued run finished "
+          f"{time.monotonic() - killed_at:.0f} s later")
     first, second = job_records(env, array_id)
     # Progress bars and two ranks share the log: read it as bytes, tolerate split characters.
     first_log, second_log = ((logs / f"cpu-tiny-{r['JobId']}.out").read_bytes().decode(errors="replace")
                              for r in (first, second))
 
     # Job 1: stopped by SIGUSR1, saved, exited 0 before its limit (not TIMEOUT).
-    assert (first["JobState"], first["ExitCode"]) == ("COMPLETED", "0:0"), first_log[-3000:]
+    assert (first["JobState"], first["ExitCode"], first["Restarts"]) == ("COMPLETED", "0:0", "0"), first_log[-3000:]
     stop = re.search(r"stopping at iteration (\d+)/\d+: received SIGUSR1", first_log)
     assert stop, f"the first job did not stop on SIGUSR1 (did it arrive after the last step?):\n{first_log[-3000:]}"
     stopped_at = int(stop.group(1))
-    assert 3 <= stopped_at < STEPS
-    assert "training.exit_duration_in_mins=9" in first_log  # --time=10 minus cpu-tiny's 1-minute margin
-    # Job 2 started after job 1 ended (%1), resumed from its checkpoint and finished the run.
-    assert (second["JobState"], second["ExitCode"]) == ("COMPLETED", "0:0"), second_log[-3000:]
+    assert 3 <= stopped_at < saved < progress < STEPS
+    # The time left (--time=10, in whole minutes: 9 once a second has passed) minus cpu-tiny's 1-minute margin.
+    left = int(re.search(r"(\d+) minute\(s\) left", first_log).group(1))
+    assert left in (9, 10) and f"training.exit_duration_in_mins={left - 1}" in first_log
+    # Job 2 started after job 1 ended (%1) and resumed from its checkpoint; it lost rank 1,
+    # requeued itself once (its log, appended to, holds both runs) and the second run resumed
+    # from the newest complete checkpoint, losing at most SAVE_INTERVAL steps, and finished.
+    assert second["JobId"] == second_job_id
+    assert (second["JobState"], second["ExitCode"], second["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+        second_log[-3000:]
     assert second["StartTime"] >= first["EndTime"]
-    assert f"global_step{stopped_at}" in second_log  # where it resumed from
-    tags = sorted(p.name for p in (tmp_path / "checkpoints").glob("global_step*"))
-    assert tags == sorted([f"global_step{stopped_at}", f"global_step{STEPS}"])
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"global_step{STEPS}"
+    assert f"requeueing job {array_id}_2 (1 of at most 3)" in second_log, second_log[-3000:]
+    resumed = [int(m.group(1)) if m.group(1) else 0 for m in RESUMED.finditer(second_log)]
+    assert resumed == [stopped_at, saved], second_log[-3000:]
+    assert progress - saved <= SAVE_INTERVAL
+    assert (checkpoints / "latest").read_text().strip() == f"global_step{STEPS}"
 
-    # The losses continue the uninterrupted curve exactly, step by step.
-    losses = train_losses(tmp_path / "run")
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    differing = {step: (losses[step], reference[step]) for step in losses if losses[step] != reference[step]}
-    assert not differing, f"steps whose loss differs from the uninterrupted run: {differing}"
+    # Every loss logged, by every run (the steps the killed run logged after its last save were
+    # logged again), equals the uninterrupted run's for its step exactly.
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, filter(str.strip, lines)) if r["kind"] == "train"]
+    assert {r["step"] for r in records} == set(range(1, STEPS + 1))
+    assert len(records) == STEPS + progress - saved
+    differing = [(r["step"], r["lm loss"], reference[r["step"]]) for r in records
+                 if r["lm loss"] != reference[r["step"]]]
+    assert not differing, f"(step, loss, uninterrupted loss) that differ: {differing}"
 
-    status = subprocess.run([sys.executable, "scripts/run_status.py", str(tmp_path / "run")], cwd=REPO,
+    status = subprocess.run([sys.executable, "scripts/run_status.py", str(run_dir)], cwd=REPO,
                             capture_output=True, text=True, timeout=120, env=env)
     assert status.returncode == 0, status.stderr
     assert f"global_step{STEPS} (complete)" in status.stdout

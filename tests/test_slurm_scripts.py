@@ -24,7 +24,7 @@ from launch import run_command
 
 SLURM = REPO / "slurm"
 SHELL_SCRIPTS = sorted(SLURM.glob("*.slurm")) + sorted(SLURM.glob("*.sh")) + [
-    REPO / "scripts" / "submit_chain.sh", REPO / "scripts" / "slurm_cluster.sh"]
+    REPO / "scripts" / "submit_chain.sh", REPO / "scripts" / "slurm_cluster.sh", REPO / "scripts" / "netns_cluster.sh"]
 
 # script: (nodes, processes per node, parameters, layout, exit_duration_in_mins)
 SIZES = {
@@ -330,3 +330,58 @@ def test_run_status_fails_for_a_missing_directory(tmp_path):
 def test_run_status_help():
     result = run_status("--help")
     assert result.returncode == 0 and "metrics.jsonl" in result.stdout
+
+
+# -- requeue after a failed training step, against a fake scontrol -----------------------------
+
+
+@pytest.mark.parametrize("restarts, max_requeues, scontrol_status, requeued, returned, message", [
+    (None, None, 0, "4242", 0, "requeueing job 4242 (1 of at most 3)"),
+    ("2", None, 0, "4242", 0, "requeueing job 4242 (3 of at most 3)"),
+    ("3", None, 0, None, 9, "after 3 requeue(s) of job 4242 (BLOOM_MAX_REQUEUES=3): not requeueing"),
+    (None, "0", 0, None, 9, "after 0 requeue(s) of job 4242 (BLOOM_MAX_REQUEUES=0): not requeueing"),
+    (None, "many", 0, None, 9, "BLOOM_MAX_REQUEUES must be a whole number, got 'many'"),
+    (None, None, 1, "4242", 9, "scontrol requeue 4242 failed"),
+], ids=["first", "last", "cap-reached", "disabled", "bad-cap", "scontrol-fails"])
+def test_a_failed_training_step_requeues_the_job_up_to_the_cap(tmp_path, restarts, max_requeues, scontrol_status,
+                                                                requeued, returned, message):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol-calls"
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\nexit {scontrol_status}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    extra = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "BLOOM_JOB_LOG_DIR": str(tmp_path)}
+    if restarts is not None:
+        extra["SLURM_RESTART_COUNT"] = restarts  # set by SLURM in a requeued job
+    if max_requeues is not None:
+        extra["BLOOM_MAX_REQUEUES"] = max_requeues
+    result = run(["bash", "-c", "source slurm/common.sh; requeue_after_failure 9; echo \"returned $?\""],
+                 env=clean_env(**extra))
+    assert result.stdout.strip() == f"returned {returned}", result.stderr
+    assert message in result.stderr
+    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", requeued] if requeued else [])
+
+
+def test_an_array_task_requeues_only_itself(tmp_path):
+    # The last task of an array has the array's job id: `scontrol requeue 4242` would requeue
+    # every task of array 4242, the finished ones too (they ran again on the test cluster).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol-calls"
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_ARRAY_JOB_ID="4242",
+                    SLURM_ARRAY_TASK_ID="2", BLOOM_JOB_LOG_DIR=str(tmp_path))
+    result = run(["bash", "-c", "source slurm/common.sh; requeue_after_failure 9"], env=env)
+    assert result.returncode == 0, result.stderr
+    assert "requeueing job 4242_2 (1 of at most 3)" in result.stderr
+    assert calls.read_text().split() == ["requeue", "4242_2"]
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_scripts_are_requeueable_and_keep_the_log_of_a_failed_run(name):
+    script = SLURM / f"{name}.slurm"
+    # --requeue: SLURM requeues the job when a node fails, and `scontrol requeue` works even where
+    # JobRequeue=0; append: a requeued job (same id, same log file) keeps the failed run's output.
+    assert header(script, "open-mode") == ["append"]
+    assert re.search(r"^#SBATCH --requeue$", script.read_text(), flags=re.M)
