@@ -8,6 +8,7 @@ checkpoints). Used by tests/test_slurm.py and tests/test_slurm_two_nodes.py.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import pytest
 
 from conftest import REPO
 from faults.harness import children_of
+from launch import run_command
 from megatron.training.logging import read_metrics
 
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
@@ -146,3 +148,16 @@ def job_ranks(env: dict[str, str], job_id: str) -> dict[int, int]:
             if rank is not None:
                 ranks[rank] = pid
     return ranks
+
+
+def reference_losses(root: Path, overrides: list[str], steps: int, env: dict[str, str]) -> dict[int, float]:
+    """Losses of the same training as two ranks of one torchrun on this machine (no SLURM, no
+    namespaces): what the jobs of a tier must reproduce bit for bit."""
+    cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node=2", "pretrain_bloom.py", "--config", "configs/tiny.yaml", *overrides]
+    result = run_command(cmd, timeout=600, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    losses = train_losses(root / "run")
+    assert sorted(losses) == list(range(1, steps + 1))
+    assert all(math.isfinite(v) for v in losses.values())
+    return losses

@@ -37,11 +37,11 @@ import pytest
 
 from conftest import REPO
 from faults.run_trials import RESUMED
-from launch import run_command
 from slurm_testbed import (
     job_ranks,
     job_records,
     latest_step,
+    reference_losses,
     seconds,
     slurm,
     start_cluster,
@@ -81,14 +81,7 @@ def overrides(root: Path, corpus) -> list[str]:
 def reference(cluster, corpus, tmp_path_factory):
     """Losses of the uninterrupted run, started with torchrun directly (no SLURM)."""
     root = tmp_path_factory.mktemp("reference")
-    cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node=2", "pretrain_bloom.py", "--config", "configs/tiny.yaml", *overrides(root, corpus)]
-    result = run_command(cmd, timeout=600, cwd=REPO, env=cluster)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    losses = train_losses(root / "run")
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    assert all(math.isfinite(v) for v in losses.values())
-    return losses
+    return reference_losses(root, overrides(root, corpus), STEPS, cluster)
 
 
 def test_chain_stops_on_usr1_resumes_and_requeues_a_job_that_lost_a_rank(cluster, corpus, reference, tmp_path):

@@ -20,15 +20,21 @@ What it checks, on the tiny fp32 config with one rank per node (PROCS_PER_NODE=1
 
 from __future__ import annotations
 
-import math
 import os
 import re
 
 import pytest
 
-from conftest import REPO
-from launch import run_command
-from slurm_testbed import job_ranks, job_records, slurm, start_cluster, tiny_overrides, train_losses, wait_until
+from slurm_testbed import (
+    job_ranks,
+    job_records,
+    reference_losses,
+    slurm,
+    start_cluster,
+    tiny_overrides,
+    train_losses,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -52,15 +58,7 @@ def cluster(request, hosts_id):
 def reference(cluster, corpus, tmp_path_factory) -> dict[int, float]:
     """Losses of two ranks on one machine, started with torchrun directly (no SLURM, no namespaces)."""
     root = tmp_path_factory.mktemp("reference")
-    cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node=2", "pretrain_bloom.py", "--config", "configs/tiny.yaml",
-           *tiny_overrides(root, corpus, STEPS, None)]
-    result = run_command(cmd, timeout=600, cwd=REPO, env=cluster)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    losses = train_losses(root / "run")
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    assert all(math.isfinite(v) for v in losses.values())
-    return losses
+    return reference_losses(root, tiny_overrides(root, corpus, STEPS, None), STEPS, cluster)
 
 
 def network_namespace(pid: int) -> int:
