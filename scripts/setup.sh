@@ -56,9 +56,6 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check --quiet)
-# No ahead-of-time bytecode for the ~90 packages (most of setup's CPU time): Python compiles
-# what is imported, once, on first use.
-INSTALL=(install --no-compile)
 
 check() {  # the lines of scripts/check_lock.py: what to install; exit 1 when there is some
     "$PY" "$ROOT/scripts/check_lock.py" --constraints "$LOCK" --pyproject "$ROOT/pyproject.toml" \
@@ -89,20 +86,20 @@ if (( need_torch )); then
         echo "[setup] installing $TORCH_SPEC from $TORCH_INDEX_URL"
         # No -c here: that index need not hold the locked versions of torch's own
         # dependencies; step 2 puts them back to the locked ones.
-        "${PIP[@]}" "${INSTALL[@]}" --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
+        "${PIP[@]}" install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
     else
         echo "[setup] installing $TORCH_SPEC"
-        "${PIP[@]}" "${INSTALL[@]}" -c "$LOCK" "$TORCH_SPEC"
+        "${PIP[@]}" install -c "$LOCK" "$TORCH_SPEC"
     fi
 fi
 if (( ${#packages[@]} )); then
     echo "[setup] installing ${#packages[@]} package(s) at the versions in ${LOCK#"$ROOT/"}"
     # torch is named again so that resolving the rest can never swap its build.
-    "${PIP[@]}" "${INSTALL[@]}" -c "$LOCK" "$TORCH_SPEC" "${packages[@]}"
+    "${PIP[@]}" install -c "$LOCK" "$TORCH_SPEC" "${packages[@]}"
 fi
 if (( need_project )); then
     echo "[setup] installing the project (editable)"
-    "${PIP[@]}" "${INSTALL[@]}" --no-deps --no-build-isolation -e "$ROOT"
+    "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
 fi
 
 status=0
