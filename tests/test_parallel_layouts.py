@@ -56,8 +56,11 @@ LAYOUTS = [
     pytest.param((1, 2, 2), {}, id="pp2-dp2", marks=pytest.mark.slow),
     pytest.param((2, 2, 2), {}, id="tp2-pp2-dp2"),
     pytest.param((2, 1, 1), {"parallel": {"sequence_parallel": True}}, id="tp2-sp"),
+    # Sequence parallelism and recompute are each in the main suite (tp2-sp, pp2-recompute); together
+    # with a pipeline they run in `make test-slow` (36 s on 2 AVX2 cores).
     pytest.param((2, 2, 1), {"parallel": {"sequence_parallel": True},
-                             "training": {"checkpoint_activations": True}}, id="tp2-pp2-sp-recompute"),
+                             "training": {"checkpoint_activations": True}}, id="tp2-pp2-sp-recompute",
+                 marks=pytest.mark.slow),
     pytest.param((1, 1, 1), {"training": {"checkpoint_activations": True}}, id="recompute"),
     pytest.param((1, 2, 1), {"training": {"checkpoint_activations": True}}, id="pp2-recompute"),
     pytest.param((2, 1, 2), {"parallel": {"zero_stage": 2}}, id="tp2-dp2-zero2", marks=pytest.mark.slow),
