@@ -14,7 +14,8 @@ from torch.utils._pytree import tree_leaves
 from launch import run_ranks
 from megatron.config import ModelConfig
 from megatron.model.bloom import build_model
-from megatron.model.kernels.linear_cross_entropy import fused_linear_cross_entropy, reference_linear_cross_entropy
+from megatron.model.kernels.linear_cross_entropy import (chunked_logits_cross_entropy, fused_linear_cross_entropy,
+                                                         reference_linear_cross_entropy)
 from megatron.utils.live_memory import LiveStorageBytes
 
 N, H, V = 37, 24, 250  # 37 tokens: no chunk size below divides it; V / 2 = 125 columns per TP rank
@@ -71,6 +72,39 @@ def test_fused_matches_plain_pytorch(dtype, chunk_tokens):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logits_matches_plain_pytorch(dtype):
+    # fp32: log-probabilities and then the gradient in the logits' own buffer; bf16: the logits
+    # in bf16, then the chunked fp32 cross entropy.
+    inputs = make_inputs(dtype)
+    expected = plain(*inputs)
+    losses, grad_hidden, grad_weight = run(chunked_logits_cross_entropy, *inputs)
+    assert losses.dtype == torch.float32 and grad_hidden.dtype == grad_weight.dtype == dtype
+    assert rel_max(losses, expected[0]) <= 1e-6
+    tolerance = 1e-5 if dtype == torch.float32 else BF16_ULP
+    assert rel_max(grad_hidden, expected[1]) <= tolerance
+    assert rel_max(grad_weight, expected[2]) <= tolerance
+
+
+def test_chunked_logits_in_fp32_make_one_tensor_of_logits_size():
+    # The logits; their buffer then holds the log-probabilities and the gradient (before: a
+    # second [N, V] tensor for the gradient).
+    hidden, weight, labels, loss_weights = make_inputs(torch.float32)
+    hidden.requires_grad_(), weight.requires_grad_()
+    with NewTensorShapes() as mode:
+        (chunked_logits_cross_entropy(hidden, weight, labels) * loss_weights).sum().backward()
+    assert mode.made.count((N, V)) == 1, mode.made
+
+
+def test_chunked_logits_refuse_a_second_backward_through_the_graph():
+    hidden, weight, labels, _ = make_inputs(torch.float32)
+    hidden.requires_grad_()
+    loss = chunked_logits_cross_entropy(hidden, weight, labels).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reference_is_the_plain_computation(dtype):
     inputs = make_inputs(dtype)
     for got, expected in zip(run(reference_linear_cross_entropy, *inputs), plain(*inputs)):
@@ -97,6 +131,7 @@ class NewTensorShapes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.shapes = set()
+        self.made = []  # every new tensor's shape, in order
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -105,6 +140,7 @@ class NewTensorShapes(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.shapes.add(tuple(t.shape))
+                self.made.append(tuple(t.shape))
         return out
 
 

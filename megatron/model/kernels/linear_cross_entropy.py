@@ -140,14 +140,54 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                          chunk_tokens or default_chunk_tokens(weight.shape[0]))
 
 
+class _LogitsInPlaceCrossEntropy(torch.autograd.Function):
+    """TP=1, fp32: the logits' own buffer becomes the log-probabilities in the forward and the
+    gradient of the logits in the backward, so no second [tokens, vocab] tensor is made.
+
+        forward   z = hidden @ W^T;  z <- log_softmax(z) in place;  loss = -z[label]
+        backward  z <- exp(z) in place (the softmax);  z[label] -= 1
+                  grad_hidden = g * (z @ W),  grad_W = z^T @ (g * hidden)
+
+    The per-token gradient ``g`` of the losses scales the two [tokens, h] operands instead of
+    the [tokens, vocab] softmax: a pass over the largest tensor of the step saved. A second
+    backward through the same graph is refused by autograd (the saved buffer was modified in
+    place), as ``retain_graph`` would otherwise read the softmax as log-probabilities.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        log_probs = hidden @ weight.t()
+        # torch's CPU and CUDA log_softmax read a row fully (max, sum of exps) before writing it,
+        # so the output may be the input (tests/test_linear_cross_entropy.py checks the values).
+        torch._log_softmax(log_probs, 1, False, out=log_probs)
+        ctx.save_for_backward(hidden, weight, labels, log_probs)
+        return log_probs.gather(1, labels[:, None]).squeeze(1).neg_()
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        hidden, weight, labels, log_probs = ctx.saved_tensors
+        probs = log_probs.exp_()
+        probs.scatter_add_(1, labels[:, None], probs.new_full((labels.shape[0], 1), -1.0))
+        scale = grad_losses.to(probs.dtype)[:, None]
+        grad_hidden = (probs @ weight).mul_(scale) if ctx.needs_input_grad[0] else None
+        grad_weight = probs.t() @ (hidden * scale) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None
+
+
 def chunked_logits_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                  tp_group: Optional[ProcessGroup] = None,
                                  chunk_tokens: Optional[int] = None) -> torch.Tensor:
     """Full logits ``F.linear(hidden, weight)`` in the input dtype, then a cross entropy that needs
     no fp32 copy of them (megatron/model/kernels/cross_entropy.py; with TP the vocabulary-parallel
     one, three all-reduces over ``tp_group``). No logits recompute in the backward: the fastest
-    path where the logits fit. ``chunk_tokens`` is ignored (same signature as the others)."""
+    path where the logits fit. With fp32 logits at TP=1, the logits' buffer is turned into the
+    log-probabilities and then the gradient in place (:class:`_LogitsInPlaceCrossEntropy`).
+    ``chunk_tokens`` is ignored (same signature as the others)."""
     _check(hidden, weight, labels, chunk_tokens)
+    device = hidden.device.type
+    fp32 = hidden.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(device)
+    if fp32 and group_size(tp_group) == 1:
+        return _LogitsInPlaceCrossEntropy.apply(hidden, weight, labels)
     logits = F.linear(hidden, weight)
     if group_size(tp_group) > 1:
         return vocab_parallel_cross_entropy(logits, labels, tp_group)
