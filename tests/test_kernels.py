@@ -180,3 +180,30 @@ def test_model_with_fused_elementwise_kernels_equals_the_reference_model():
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_attention_backward_writes_the_qkv_gradient_once():
+    # q, k and v are views of one [b, s, heads, 3, d] projection: three selects' backward made
+    # three zero-filled tensors of its size and two adds summed them; unbind's stacks once.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron.model.bloom import build_model
+
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, vocab_size=64, seq_length=8,
+                      init_method_std=0.05)
+    model = build_model(cfg)
+    loss = model(torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8)))
+    qkv_elements = 2 * 8 * 3 * cfg.hidden_size
+    made = []
+
+    class NewQkvSized(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            views = (torch.ops.aten.view, torch.ops.aten.t, torch.ops.aten._unsafe_view)
+            if isinstance(out, torch.Tensor) and out.numel() == qkv_elements and func.overloadpacket not in views:
+                made.append(func.overloadpacket.__name__)
+            return out
+
+    with NewQkvSized():
+        loss.backward()
+    assert made == ["stack"]

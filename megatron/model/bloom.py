@@ -136,7 +136,9 @@ class BloomAttention(nn.Module):
         qkv = self.query_key_value(hidden)
         batch, seq, _ = qkv.shape
         qkv = qkv.view(batch, seq, self.num_heads, 3, self.head_dim)
-        query, key, value = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [b, heads, s, d]
+        # unbind, not three selects: its backward stacks the three gradients into one new tensor,
+        # where each select's backward zero-fills a tensor of qkv's size and two adds sum them.
+        query, key, value = (t.transpose(1, 2) for t in qkv.unbind(3))  # [b, heads, s, d]
         dropout_p = self.dropout_p if self.training else 0.0
         # This rank's heads only: their dropout masks come from the model-parallel stream.
         with model_parallel_region(self.rng_tracker, active=dropout_p > 0.0):
