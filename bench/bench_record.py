@@ -18,17 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def describe_machine() -> dict[str, Any]:
-    """CPU, cores, threads, memory, load, versions and the git state of the checkout."""
+    """CPU, cores, threads, host allocator, memory, load, versions and the git state of the checkout."""
     import torch
 
-    from megatron.training.environment import PACKAGES, device_name, git_state, package_version
+    from megatron.training.environment import PACKAGES, device_name, git_state, host_allocator, package_version
     from megatron.training.precision import CpuBf16Support
 
     return {"cpu": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "cpu_features": dataclasses.asdict(CpuBf16Support.detect()),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "host_allocator": host_allocator(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "load_average_at_start": os.getloadavg(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": str(torch.__version__),

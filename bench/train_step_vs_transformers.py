@@ -18,9 +18,11 @@ A step is forward, fp32 cross entropy, backward, AdamW step, zero_grad:
 The matmul-bound limit: one transformers step runs under a dispatch recorder that notes every
 matrix product (``mm``, ``addmm``, ``bmm``, ``baddbmm``: the whole model's matmul work, forward
 and backward, attention included); each distinct product is then timed alone on random inputs
-of the same shapes, strides and dtype (best of several), and the limit is the sum over the
-step's products of their times. That is the step's matmul FLOPs divided by the throughput this
-machine reaches on exactly those shapes, measured in the same run as the steps.
+of the same shapes, strides and dtype, and the limit is the sum over the step's products of
+their best times. That is the step's matmul FLOPs divided by the throughput this machine
+reaches on exactly those shapes, measured in the same run as the steps: a few timings before
+them and one after every round of steps, so the limit sees the machine's fast and slow phases
+as the steps do (``MatmulLimit``).
 
 Where ours' time beyond the limit goes: one more step of ours runs under the profiler, its time
 split into matrix products (and their in-step GFLOP/s against the limit's), the CPU attention
@@ -103,26 +105,43 @@ def _random_strided(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torc
     return torch.randn(storage, dtype=dtype).as_strided(shape, stride)
 
 
-def time_call(call: MatmulCall, repeats: int) -> float:
-    """Best wall time of ``call`` on random inputs of its shapes, strides and dtype."""
-    args = [_random_strided(shape, stride, call.dtype) for shape, stride in call.tensors]
-    op = getattr(aten, call.op).default
-    kwargs = dict(call.scalars)
-    op(*args, **kwargs)  # warm-up: first-call allocations and oneDNN primitive creation
-    best = float("inf")
-    for _ in range(repeats):
+class MatmulLimit:
+    """The best time of each distinct product of a step, sampled between the steps.
+
+    A shared machine's speed drifts by several percent over minutes, so products timed once
+    before the steps would be compared with steps run in another phase. Each :meth:`sample`
+    times every distinct product once, on random inputs of its shapes, strides and dtype kept
+    from the start; the bench samples after every round of steps, and the limit is built from
+    each product's best time over all samples (a strict limit: the machine at its fastest)."""
+
+    def __init__(self, calls: Counter):
+        self.calls = calls
+        self.args = {call: [_random_strided(shape, stride, call.dtype) for shape, stride in call.tensors]
+                     for call in calls}
+        self.best = {call: float("inf") for call in calls}
+        self.samples = 0
+        for call in calls:  # warm-up: first-call allocations and oneDNN primitive creation
+            self._run(call)
+
+    def _run(self, call: MatmulCall) -> float:
+        op = getattr(aten, call.op).default
         start = time.perf_counter()
-        op(*args, **kwargs)
-        best = min(best, time.perf_counter() - start)
-    return best
+        op(*self.args[call], **dict(call.scalars))
+        return time.perf_counter() - start
 
+    def sample(self) -> None:
+        """Time every distinct product once more."""
+        for call in self.calls:
+            self.best[call] = min(self.best[call], self._run(call))
+        self.samples += 1
 
-def matmul_limit(calls: Counter, repeats: int) -> dict:
-    """The step's matmul FLOPs, the seconds this machine needs for them, and the throughput."""
-    flops = sum(call.flops * n for call, n in calls.items())
-    seconds = sum(time_call(call, repeats) * n for call, n in calls.items())
-    return {"matmul_gflop": flops / 1e9, "limit_seconds": seconds, "gflops_per_second": flops / seconds / 1e9,
-            "distinct_shapes": len(calls), "products": sum(calls.values())}
+    def result(self) -> dict:
+        """The step's matmul FLOPs, the seconds this machine needs for them, and the throughput."""
+        flops = sum(call.flops * n for call, n in self.calls.items())
+        seconds = sum(self.best[call] * n for call, n in self.calls.items())
+        return {"matmul_gflop": flops / 1e9, "limit_seconds": seconds, "gflops_per_second": flops / seconds / 1e9,
+                "distinct_shapes": len(self.calls), "products": sum(self.calls.values()),
+                "samples_per_product": self.samples}
 
 
 def step_time_split(step: Callable[[torch.Tensor], float], batch: torch.Tensor) -> dict:
@@ -211,7 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4, help="measured steps per model")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="timings per distinct matmul (best is kept)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timings per distinct matmul before the steps (one more follows every round of steps; "
+                             "the best is kept)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: the machine's native precision (as training.bf16=auto decides)")
     parser.add_argument("--no-ablation", action="store_true", help="only ours (auto) and transformers")
@@ -256,10 +277,9 @@ def main(argv=None) -> int:
     recorder = MatmulRecorder()
     with recorder:  # one extra transformers step, recorded, not timed
         steps["transformers"](batches[0])
-    limit = matmul_limit(recorder.calls, args.repeats)
-    print(f"matmul-bound limit: {limit['matmul_gflop']:.0f} GFLOP in {limit['products']} products "
-          f"({limit['distinct_shapes']} shapes) at {limit['gflops_per_second']:.1f} GFLOP/s = "
-          f"{limit['limit_seconds']:.2f} s", flush=True)
+    limiter = MatmulLimit(recorder.calls)
+    for _ in range(args.repeats):
+        limiter.sample()
     ours_recorder = MatmulRecorder()
     with ours_recorder:
         steps["ours"](batches[0])
@@ -273,7 +293,13 @@ def main(argv=None) -> int:
             losses[name].append(step(batch))
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+        limiter.sample()
         print(f"  step {i + 1}/{len(batches)} done", flush=True)
+    limit = limiter.result()
+    print(f"matmul-bound limit: {limit['matmul_gflop']:.0f} GFLOP in {limit['products']} products "
+          f"({limit['distinct_shapes']} shapes) at {limit['gflops_per_second']:.1f} GFLOP/s = "
+          f"{limit['limit_seconds']:.2f} s (each product's best of {limit['samples_per_product']} timings, "
+          f"taken between the steps)", flush=True)
     seconds = {name: statistics.median(t) for name, t in times.items()}
 
     print(f"\nconfig: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, seq "

@@ -22,6 +22,7 @@ from megatron.training.environment import (
     ENVIRONMENT_FILE,
     describe_environment,
     git_state,
+    host_allocator,
     read_environment,
     write_environment,
 )
@@ -74,7 +75,14 @@ def test_record_has_every_field_with_its_type(cfg):
     assert isinstance(record["cpu"]["avx512_bf16"], bool) and isinstance(record["cpu"]["amx_tile"], bool)
     assert record["precision"] == {"name": "fp32", "reason": REASON}
     assert record["world_size"] == 2 and record["layout"] == LAYOUT
+    assert record["host_allocator"] == host_allocator()
     json.dumps(record)  # plain data only
+
+
+def test_host_allocator_names_a_preloaded_library_else_the_c_library():
+    preload = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    assert host_allocator({"LD_PRELOAD": preload}) == f"LD_PRELOAD={preload}"
+    assert host_allocator({}).startswith("C library malloc")
 
 
 def test_layout_accepts_checkpointer_names_and_fills_gaps_from_the_config(cfg):

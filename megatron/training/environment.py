@@ -67,10 +67,22 @@ def describe_environment(cfg: "Config", world_size: int, layout: dict, device: "
         "packages": packages,
         "device": {"type": device.type, "name": device_name(device)},
         "cpu": dataclasses.asdict(CpuBf16Support.detect()),
+        "host_allocator": host_allocator(),
         "precision": {"name": precision, "reason": precision_reason},
         "world_size": world_size,
         "layout": full,
     }
+
+
+def host_allocator(environ: Optional[dict[str, str]] = None) -> str:
+    """The host memory allocator of this process: what ``LD_PRELOAD`` loads (tcmalloc, jemalloc),
+    else the C library's malloc. On CPU it changes the step time: glibc's malloc returns large
+    blocks to the kernel and faults them in again every step (bench/README.md, "Host allocator")."""
+    preload = (os.environ if environ is None else environ).get("LD_PRELOAD", "").strip()
+    if preload:
+        return f"LD_PRELOAD={preload}"
+    libc, version = platform.libc_ver()
+    return f"C library malloc ({libc} {version})".replace(" ()", "").strip()
 
 
 def write_environment(run_dir: str | os.PathLike, record: dict) -> Path:
