@@ -19,10 +19,10 @@ The matmul-bound limit: one transformers step runs under a dispatch recorder tha
 matrix product (``mm``, ``addmm``, ``bmm``, ``baddbmm``: the whole model's matmul work, forward
 and backward, attention included); each distinct product is then timed alone on random inputs
 of the same shapes, strides and dtype, and the limit is the sum over the step's products of
-their best times. That is the step's matmul FLOPs divided by the throughput this machine
+their median times. That is the step's matmul FLOPs divided by the throughput this machine
 reaches on exactly those shapes, measured in the same run as the steps: a few timings before
 them and one after every round of steps, so the limit sees the machine's fast and slow phases
-as the steps do (``MatmulLimit``).
+as the steps do, and is compared with the steps' medians (``MatmulLimit``).
 
 Where ours' time beyond the limit goes: one more step of ours runs under the profiler, its time
 split into matrix products (and their in-step GFLOP/s against the limit's), the CPU attention
@@ -106,20 +106,20 @@ def _random_strided(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torc
 
 
 class MatmulLimit:
-    """The best time of each distinct product of a step, sampled between the steps.
+    """Each distinct product of a step, timed between the steps.
 
     A shared machine's speed drifts by several percent over minutes, so products timed once
     before the steps would be compared with steps run in another phase. Each :meth:`sample`
     times every distinct product once, on random inputs of its shapes, strides and dtype kept
-    from the start; the bench samples after every round of steps, and the limit is built from
-    each product's best time over all samples (a strict limit: the machine at its fastest)."""
+    from the start; the bench samples after every round of steps. The limit takes each product's
+    median time, as the steps are compared by their medians: like with like. The sum of the best
+    times (the machine at its fastest on every shape at once) is reported beside it."""
 
     def __init__(self, calls: Counter):
         self.calls = calls
         self.args = {call: [_random_strided(shape, stride, call.dtype) for shape, stride in call.tensors]
                      for call in calls}
-        self.best = {call: float("inf") for call in calls}
-        self.samples = 0
+        self.times: dict[MatmulCall, list[float]] = {call: [] for call in calls}
         for call in calls:  # warm-up: first-call allocations and oneDNN primitive creation
             self._run(call)
 
@@ -132,16 +132,18 @@ class MatmulLimit:
     def sample(self) -> None:
         """Time every distinct product once more."""
         for call in self.calls:
-            self.best[call] = min(self.best[call], self._run(call))
-        self.samples += 1
+            self.times[call].append(self._run(call))
 
     def result(self) -> dict:
-        """The step's matmul FLOPs, the seconds this machine needs for them, and the throughput."""
+        """The step's matmul FLOPs, the seconds this machine needs for them (medians, and bests),
+        and the throughput."""
         flops = sum(call.flops * n for call, n in self.calls.items())
-        seconds = sum(self.best[call] * n for call, n in self.calls.items())
+        seconds = sum(statistics.median(self.times[call]) * n for call, n in self.calls.items())
+        best = sum(min(self.times[call]) * n for call, n in self.calls.items())
         return {"matmul_gflop": flops / 1e9, "limit_seconds": seconds, "gflops_per_second": flops / seconds / 1e9,
+                "limit_seconds_from_best_times": best, "gflops_per_second_best": flops / best / 1e9,
                 "distinct_shapes": len(self.calls), "products": sum(self.calls.values()),
-                "samples_per_product": self.samples}
+                "timings_per_product": len(next(iter(self.times.values()), []))}
 
 
 def step_time_split(step: Callable[[torch.Tensor], float], batch: torch.Tensor) -> dict:
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3,
                         help="timings per distinct matmul before the steps (one more follows every round of steps; "
-                             "the best is kept)")
+                             "the limit takes each product's median)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: the machine's native precision (as training.bf16=auto decides)")
     parser.add_argument("--no-ablation", action="store_true", help="only ours (auto) and transformers")
@@ -298,8 +300,8 @@ def main(argv=None) -> int:
     limit = limiter.result()
     print(f"matmul-bound limit: {limit['matmul_gflop']:.0f} GFLOP in {limit['products']} products "
           f"({limit['distinct_shapes']} shapes) at {limit['gflops_per_second']:.1f} GFLOP/s = "
-          f"{limit['limit_seconds']:.2f} s (each product's best of {limit['samples_per_product']} timings, "
-          f"taken between the steps)", flush=True)
+          f"{limit['limit_seconds']:.2f} s (each product's median of {limit['timings_per_product']} timings taken "
+          f"between the steps; from the best timings: {limit['limit_seconds_from_best_times']:.2f} s)", flush=True)
     seconds = {name: statistics.median(t) for name, t in times.items()}
 
     print(f"\nconfig: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, seq "
