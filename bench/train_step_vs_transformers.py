@@ -31,7 +31,10 @@ kernels, and everything else.
 Precision: ``auto`` is the machine's native one (bf16 autocast where the CPU computes bf16 in
 hardware, fp32 where bf16 would be emulated), decided by megatron/training/precision.py as a
 training run decides it. Models alternate step by step (A B C A B C ...) so machine noise hits
-all alike; medians after warm-up. Results: bench/results/train_step_vs_transformers[_PRECISION].json.
+all alike, and the products are timed once after every round. On a shared machine whose speed
+drifts within minutes, ratios are taken within a round and then their median: "x limit" is the
+median over rounds of a step's time over that round's limit, "vs transformers" the median of
+transformers' time over ours in the same round. Seconds per step are plain medians after warm-up. Results: bench/results/train_step_vs_transformers[_PRECISION].json.
 """
 
 from __future__ import annotations
@@ -129,10 +132,11 @@ class MatmulLimit:
         op(*self.args[call], **dict(call.scalars))
         return time.perf_counter() - start
 
-    def sample(self) -> None:
-        """Time every distinct product once more."""
+    def sample(self) -> float:
+        """Time every distinct product once more; return this sample's limit (seconds)."""
         for call in self.calls:
             self.times[call].append(self._run(call))
+        return sum(self.times[call][-1] * n for call, n in self.calls.items())
 
     def result(self) -> dict:
         """The step's matmul FLOPs, the seconds this machine needs for them (medians, and bests),
@@ -289,13 +293,17 @@ def main(argv=None) -> int:
 
     times = {name: [] for name in steps}
     losses = {name: [] for name in steps}
+    ratios = {name: [] for name in steps}  # each step over the limit sampled right after its round
     for i, batch in enumerate(batches):
         for name, step in steps.items():
             start = time.perf_counter()
             losses[name].append(step(batch))
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
-        limiter.sample()
+        round_limit = limiter.sample()
+        if i >= args.warmup:
+            for name in steps:
+                ratios[name].append(times[name][-1] / round_limit)
         print(f"  step {i + 1}/{len(batches)} done", flush=True)
     limit = limiter.result()
     print(f"matmul-bound limit: {limit['matmul_gflop']:.0f} GFLOP in {limit['products']} products "
@@ -303,13 +311,15 @@ def main(argv=None) -> int:
           f"{limit['limit_seconds']:.2f} s (each product's median of {limit['timings_per_product']} timings taken "
           f"between the steps; from the best timings: {limit['limit_seconds_from_best_times']:.2f} s)", flush=True)
     seconds = {name: statistics.median(t) for name, t in times.items()}
+    x_limit = {name: statistics.median(r) for name, r in ratios.items()}
+    speedup = {name: statistics.median(hf / t for hf, t in zip(times["transformers"], times[name])) for name in steps}
 
     print(f"\nconfig: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, seq "
           f"{args.seq}, batch {args.batch}, {precision.name}; medians of {args.steps} steps")
     print(f"{'':<32} {'s/step':>8} {'x limit':>8} {'vs transformers':>16}")
     for name in steps:
-        print(f"{name:<32} {seconds[name]:8.2f} {seconds[name] / limit['limit_seconds']:8.2f} "
-              f"{seconds['transformers'] / seconds[name]:15.2f}x")
+        print(f"{name:<32} {seconds[name]:8.2f} {x_limit[name]:8.2f} "
+              f"{speedup[name]:15.2f}x")
     print(f"first-step losses: ours {losses['ours'][0]:.6f}, transformers {losses['transformers'][0]:.6f}")
     print(f"(ours dispatches {ours_gflop:.0f} GFLOP of plain matmuls; its attention runs inside SDPA)")
     split = step_time_split(steps["ours"], batches[-1])
@@ -329,8 +339,9 @@ def main(argv=None) -> int:
         "ours_dispatched_matmul_gflop": ours_gflop,
         "ours_profiled_step_seconds": split,
         "seconds_per_step": seconds,
-        "x_limit": {name: s / limit["limit_seconds"] for name, s in seconds.items()},
-        "speedup_over_transformers": {name: seconds["transformers"] / s for name, s in seconds.items()},
+        "x_limit": x_limit,
+        "x_limit_per_round": ratios,
+        "speedup_over_transformers": speedup,
         "kernels": kernels,
         "all_step_seconds": times,
         "first_step_loss": {name: values[0] for name, values in losses.items()},
