@@ -34,7 +34,8 @@ training run decides it. Models alternate step by step (A B C A B C ...) so mach
 all alike, and the products are timed once after every round. On a shared machine whose speed
 drifts within minutes, ratios are taken within a round and then their median: "x limit" is the
 median over rounds of a step's time over that round's limit, "vs transformers" the median of
-transformers' time over ours in the same round. Seconds per step are plain medians after warm-up. Results: bench/results/train_step_vs_transformers[_PRECISION].json.
+transformers' time over ours in the same round. Seconds per step are plain medians after
+warm-up. Results: bench/results/train_step_vs_transformers[_PRECISION].json.
 """
 
 from __future__ import annotations

@@ -14,8 +14,11 @@ from torch.utils._pytree import tree_leaves
 from launch import run_ranks
 from megatron.config import ModelConfig
 from megatron.model.bloom import build_model
-from megatron.model.kernels.linear_cross_entropy import (chunked_logits_cross_entropy, fused_linear_cross_entropy,
-                                                         reference_linear_cross_entropy)
+from megatron.model.kernels.linear_cross_entropy import (
+    chunked_logits_cross_entropy,
+    fused_linear_cross_entropy,
+    reference_linear_cross_entropy,
+)
 from megatron.utils.live_memory import LiveStorageBytes
 
 N, H, V = 37, 24, 250  # 37 tokens: no chunk size below divides it; V / 2 = 125 columns per TP rank

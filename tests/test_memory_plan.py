@@ -42,6 +42,37 @@ def test_zero_shards_optimizer_state_and_recompute_saves_activations():
     assert no_recompute.activations > 5 * dp8.activations
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_chunked_head_plan_counts_the_logits_buffers_the_kernel_makes(bf16):
+    # fp32 at TP=1: one [tokens, vocab] buffer (logits, then log-probabilities, then gradient);
+    # bf16: the logits and their gradient. Counted from what the kernel allocates in the
+    # activations' dtype (bf16's fp32 chunk temporaries are bounded by the chunk, not planned).
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron.model.kernels.linear_cross_entropy import chunked_logits_cross_entropy
+    from megatron.training.memory import Kernels, _head_bytes
+
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.seq_length=16", "training.micro_batch_size=2"])
+    tokens, vocab, dtype = 32, cfg.padded_vocab_size, torch.bfloat16 if bf16 else torch.float32
+    hidden = torch.randn(tokens, cfg.model.hidden_size, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, cfg.model.hidden_size, dtype=dtype, requires_grad=True)
+    full = []
+
+    class LogitsSized(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and out.numel() == tokens * vocab and out.dtype == dtype and \
+                    out.untyped_storage().data_ptr() not in inputs and func.overloadpacket is not torch.ops.aten.t:
+                full.append(out.element_size())
+            return out
+
+    with LogitsSized():
+        chunked_logits_cross_entropy(hidden, weight, torch.randint(0, vocab, (tokens,))).sum().backward()
+    assert _head_bytes(cfg, Kernels(head="chunked"), 2 if bf16 else 4) == sum(full) * tokens * vocab
+
+
 def measuring_worker(rank: int, body: dict) -> dict:
     """Train one bf16 step; report the bytes the engine really holds, by kind."""
     from megatron.config import config_from_dict

@@ -29,7 +29,8 @@ min(PP - p, m) micro-batches in flight (DeepSpeed's ``num_pipe_buffers``), each 
 stage's output kept for its backward. The first stage also keeps the embedding's output, the
 last the final LayerNorm's input and output and the LM head's buffers: the fused linear +
 cross-entropy keeps one chunk of fp32 logits (megatron/model/kernels/linear_cross_entropy.py),
-the chunked loss the [s b, V/t] logits and their gradient, the reference (and Megatron-
+the chunked loss the [s b, V/t] logits and their gradient (one buffer for both in fp32 at
+TP=1), the reference (and Megatron-
 DeepSpeed's vocab-parallel loss) also an fp32 copy.
 
 Transient buffers, which peak at different moments, so the peak takes the largest phase:
@@ -195,7 +196,9 @@ def _head_bytes(cfg: Config, kernels: Kernels, act_bytes: int) -> float:
         return chunk * columns * (4 + act_bytes)  # one fp32 chunk (+ its low-precision copy)
     logits = tokens * columns * act_bytes
     if kernels.head == "chunked":
-        return 2 * logits  # logits kept for the backward, and their gradient
+        # Logits kept for the backward, and their gradient; in fp32 at TP=1 one buffer holds
+        # both in turn (the log-probabilities, then the gradient, written in place).
+        return logits if (t == 1 and act_bytes == 4) else 2 * logits
     return 2 * logits + 2 * tokens * columns * 4  # + the fp32 copy and its softmax/gradient
 
 
