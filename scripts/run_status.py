@@ -11,7 +11,7 @@ Reads what the run writes and nothing else, so it is safe to call while jobs are
 * ``{run_dir}/metrics.jsonl``: the last logged training step (loss, learning rate, batch size,
   tokens seen = ``consumed-tokens``) and the last validation;
 * ``{run_dir}/environment.json``: what the run ran on (commit, package versions, device,
-  precision and why, layout), written at start-up;
+  host allocator, precision and why, layout), written at start-up;
 * the checkpoint directory: the tag ``latest`` names and whether that checkpoint is complete
   (its manifest lists every file with its size and the files match), and the newest complete one.
 
@@ -168,6 +168,8 @@ def _environment_lines(env: dict[str, Any]) -> list[str]:
             f"  packages       torch {packages.get('torch')}{cuda}, deepspeed {packages.get('deepspeed')}",
             f"  device         {device.get('type')} ({device.get('name')})",
             f"  cpu            capability {cpu.get('capability')}, {bf16}",
+            # Records written before the field existed have none: the line is left out.
+            *([f"  allocator      {env['host_allocator']}"] if env.get("host_allocator") else []),
             f"  precision      {precision.get('name')}: {precision.get('reason')}",
             f"  layout         {env.get('world_size')} ranks: TP{layout.get('tp')} PP{layout.get('pp')} "
             f"DP{layout.get('dp')} ZeRO-{layout.get('zero_stage')}"]

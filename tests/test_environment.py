@@ -178,6 +178,7 @@ def test_run_status_shows_the_environment(cfg, tmp_path, capsys):
     assert f"  packages       torch {torch.__version__}" in text
     assert "  device         cpu (" in text
     assert f"  cpu            capability {record['cpu']['capability']}, " in text
+    assert f"  allocator      {record['host_allocator']}\n" in text
     assert f"  precision      fp32: {REASON}" in text
     assert "  layout         2 ranks: TP1 PP1 DP2 ZeRO-1" in text
     # --json in this process: a second interpreter would only repeat the imports
