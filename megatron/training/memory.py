@@ -30,8 +30,7 @@ stage's output kept for its backward. The first stage also keeps the embedding's
 last the final LayerNorm's input and output and the LM head's buffers: the fused linear +
 cross-entropy keeps one chunk of fp32 logits (megatron/model/kernels/linear_cross_entropy.py),
 the chunked loss the [s b, V/t] logits and their gradient (one buffer for both in fp32 at
-TP=1), the reference (and Megatron-
-DeepSpeed's vocab-parallel loss) also an fp32 copy.
+TP=1 on CPU), the reference (and Megatron-DeepSpeed's vocab-parallel loss) also an fp32 copy.
 
 Transient buffers, which peak at different moments, so the peak takes the largest phase:
 - backward: stored activations + working set + the LM head's buffers (+ ZeRO's reduction
@@ -184,7 +183,7 @@ def micro_batches(cfg: Config, data_parallel_size: int) -> int:
     return max(tr.global_batch_size // (tr.micro_batch_size * data_parallel_size), 1)
 
 
-def _head_bytes(cfg: Config, kernels: Kernels, act_bytes: int) -> float:
+def _head_bytes(cfg: Config, kernels: Kernels, act_bytes: int, device_type: str = "cpu") -> float:
     """LM head buffers on the last stage beyond its input: logits, their fp32 copy, gradient."""
     from megatron.model.kernels.linear_cross_entropy import default_chunk_tokens
 
@@ -196,9 +195,9 @@ def _head_bytes(cfg: Config, kernels: Kernels, act_bytes: int) -> float:
         return chunk * columns * (4 + act_bytes)  # one fp32 chunk (+ its low-precision copy)
     logits = tokens * columns * act_bytes
     if kernels.head == "chunked":
-        # Logits kept for the backward, and their gradient; in fp32 at TP=1 one buffer holds
-        # both in turn (the log-probabilities, then the gradient, written in place).
-        return logits if (t == 1 and act_bytes == 4) else 2 * logits
+        # Logits kept for the backward, and their gradient; in fp32 at TP=1 on CPU one buffer
+        # holds both in turn (the log-probabilities, then the gradient, written in place).
+        return logits if (t == 1 and act_bytes == 4 and device_type == "cpu") else 2 * logits
     return 2 * logits + 2 * tokens * columns * 4  # + the fp32 copy and its softmax/gradient
 
 
@@ -241,7 +240,7 @@ def estimate_memory(cfg: Config, world_size: int, device=None, kernels: Optional
         activations = in_flight * per_micro_batch
         # The backward of one layer: its activations (recomputed or stored) and their gradients.
         working_set = (full_layer + 2 * layer_input) if blocks else 0.0
-        logits = _head_bytes(cfg, kernels, act_bytes) if stage == pp - 1 else 0.0
+        logits = _head_bytes(cfg, kernels, act_bytes, device_type) if stage == pp - 1 else 0.0
         # Materialised attention scores: kept by every stored layer, or by the one being
         # recomputed; plus their gradient while that layer's backward runs.
         kept_scores = (1 if tr.checkpoint_activations else in_flight * blocks) * scores if blocks else 0.0

@@ -141,7 +141,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
 
 class _LogitsInPlaceCrossEntropy(torch.autograd.Function):
-    """TP=1, fp32: the logits' own buffer becomes the log-probabilities in the forward and the
+    """TP=1, fp32, CPU: the logits' own buffer becomes the log-probabilities in the forward and the
     gradient of the logits in the backward, so no second [tokens, vocab] tensor is made.
 
         forward   z = hidden @ W^T;  z <- log_softmax(z) in place;  loss = -z[label]
@@ -157,8 +157,9 @@ class _LogitsInPlaceCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         log_probs = hidden @ weight.t()
-        # torch's CPU and CUDA log_softmax read a row fully (max, sum of exps) before writing it,
-        # so the output may be the input (tests/test_linear_cross_entropy.py checks the values).
+        # torch's CPU log_softmax reads a row fully (max, sum of exps) before writing it, so the
+        # output may be the input (tests/test_linear_cross_entropy.py checks the values). Not
+        # used on CUDA, where that has not been checked (the fused_linear head is its default).
         torch._log_softmax(log_probs, 1, False, out=log_probs)
         ctx.save_for_backward(hidden, weight, labels, log_probs)
         return log_probs.gather(1, labels[:, None]).squeeze(1).neg_()
@@ -180,13 +181,13 @@ def chunked_logits_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     """Full logits ``F.linear(hidden, weight)`` in the input dtype, then a cross entropy that needs
     no fp32 copy of them (megatron/model/kernels/cross_entropy.py; with TP the vocabulary-parallel
     one, three all-reduces over ``tp_group``). No logits recompute in the backward: the fastest
-    path where the logits fit. With fp32 logits at TP=1, the logits' buffer is turned into the
-    log-probabilities and then the gradient in place (:class:`_LogitsInPlaceCrossEntropy`).
+    path where the logits fit. With fp32 logits at TP=1 on CPU, the logits' buffer is turned into
+    the log-probabilities and then the gradient in place (:class:`_LogitsInPlaceCrossEntropy`).
     ``chunk_tokens`` is ignored (same signature as the others)."""
     _check(hidden, weight, labels, chunk_tokens)
     device = hidden.device.type
     fp32 = hidden.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(device)
-    if fp32 and group_size(tp_group) == 1:
+    if fp32 and device == "cpu" and group_size(tp_group) == 1:
         return _LogitsInPlaceCrossEntropy.apply(hidden, weight, labels)
     logits = F.linear(hidden, weight)
     if group_size(tp_group) > 1:
