@@ -42,7 +42,9 @@ def hang(timeout_s: float) -> None:
 def orphan() -> None:
     assert launched_by_launcher() and die_with_launcher()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    print(f"ready {os.getpid()}", flush=True)
+    # One write(2) of the whole line: under 4 KB to a pipe, it cannot interleave with the other
+    # rank's (print may write the text and the newline separately, and did: "ready 1ready 2").
+    os.write(sys.stdout.fileno(), f"ready {os.getpid()}\n".encode())
     if dist.get_rank() == 0:
         dist.barrier()
     else:
