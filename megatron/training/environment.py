@@ -81,8 +81,8 @@ def host_allocator(environ: Optional[dict[str, str]] = None) -> str:
     preload = (os.environ if environ is None else environ).get("LD_PRELOAD", "").strip()
     if preload:
         return f"LD_PRELOAD={preload}"
-    libc, version = platform.libc_ver()
-    return f"C library malloc ({libc} {version})".replace(" ()", "").strip()
+    libc = " ".join(part for part in platform.libc_ver() if part)
+    return f"C library malloc ({libc})" if libc else "C library malloc"
 
 
 def write_environment(run_dir: str | os.PathLike, record: dict) -> Path:

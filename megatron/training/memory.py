@@ -185,7 +185,9 @@ def micro_batches(cfg: Config, data_parallel_size: int) -> int:
 
 def _head_bytes(cfg: Config, kernels: Kernels, act_bytes: int, device_type: str = "cpu") -> float:
     """LM head buffers on the last stage beyond its input: logits, their fp32 copy, gradient."""
-    from megatron.model.kernels.linear_cross_entropy import default_chunk_tokens
+    import torch
+
+    from megatron.model.kernels.linear_cross_entropy import default_chunk_tokens, logits_in_place
 
     t = cfg.parallel.tensor_model_parallel_size
     tokens = cfg.model.seq_length * cfg.training.micro_batch_size
@@ -197,7 +199,8 @@ def _head_bytes(cfg: Config, kernels: Kernels, act_bytes: int, device_type: str 
     if kernels.head == "chunked":
         # Logits kept for the backward, and their gradient; in fp32 at TP=1 on CPU one buffer
         # holds both in turn (the log-probabilities, then the gradient, written in place).
-        return logits if (t == 1 and act_bytes == 4 and device_type == "cpu") else 2 * logits
+        one_buffer = act_bytes == 4 and logits_in_place(device_type, torch.float32, t)
+        return logits if one_buffer else 2 * logits
     return 2 * logits + 2 * tokens * columns * 4  # + the fp32 copy and its softmax/gradient
 
 

@@ -175,6 +175,12 @@ class _LogitsInPlaceCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None
 
 
+def logits_in_place(device_type: str, dtype: torch.dtype, tp_size: int) -> bool:
+    """Whether the chunked head keeps one [tokens, vocab] buffer for the logits and their gradient
+    (:class:`_LogitsInPlaceCrossEntropy`): fp32 logits at TP=1 on CPU. The memory plan asks too."""
+    return device_type == "cpu" and dtype == torch.float32 and tp_size == 1
+
+
 def chunked_logits_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                  tp_group: Optional[ProcessGroup] = None,
                                  chunk_tokens: Optional[int] = None) -> torch.Tensor:
@@ -186,8 +192,8 @@ def chunked_logits_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     ``chunk_tokens`` is ignored (same signature as the others)."""
     _check(hidden, weight, labels, chunk_tokens)
     device = hidden.device.type
-    fp32 = hidden.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(device)
-    if fp32 and device == "cpu" and group_size(tp_group) == 1:
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    if weight.dtype == hidden.dtype and logits_in_place(device, dtype, group_size(tp_group)):
         return _LogitsInPlaceCrossEntropy.apply(hidden, weight, labels)
     logits = F.linear(hidden, weight)
     if group_size(tp_group) > 1:
